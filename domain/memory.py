@@ -1,0 +1,120 @@
+"""Guest physical memory over host buffers.
+
+Pure: the buffers (mmaps in production, bytearrays in unit tests) are handed in by an adapter.
+Every access is bounds-checked, because every guest address is hostile until proven otherwise.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Iterator
+
+from domain.errors import GuestMemoryError
+
+PAGE_SIZE = 4096
+
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+@dataclass(frozen=True)
+class RamRegion:
+    """One contiguous guest-physical RAM range backed by one host buffer."""
+
+    slot: int
+    gpa: int
+    size: int
+    view: memoryview  # writable, len == size
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+
+class GuestMemory:
+    def __init__(self, regions: list[tuple[int, object]]):
+        """``regions``: (guest physical address, writable buffer) pairs, in any order."""
+        built = []
+        for slot, (gpa, buf) in enumerate(sorted(regions, key=lambda r: r[0])):
+            view = memoryview(buf).cast("B")
+            if view.readonly:
+                raise ValueError("guest RAM buffers must be writable")
+            if gpa % PAGE_SIZE or len(view) % PAGE_SIZE:
+                raise ValueError("guest RAM regions must be page aligned")
+            if built and built[-1].end > gpa:
+                raise ValueError("guest RAM regions overlap")
+            built.append(RamRegion(slot, gpa, len(view), view))
+        self._regions = tuple(built)
+        self._buffers = [buf for _, buf in regions]
+        self.size = sum(r.size for r in built)
+
+    @property
+    def regions(self) -> tuple[RamRegion, ...]:
+        return self._regions
+
+    def _find(self, gpa: int, length: int) -> RamRegion:
+        if length < 0 or gpa < 0:
+            raise GuestMemoryError(f"invalid guest range {gpa:#x}+{length:#x}")
+        for r in self._regions:
+            if r.gpa <= gpa and gpa + length <= r.end:
+                return r
+        raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is outside guest RAM")
+
+    def contains(self, gpa: int, length: int = 1) -> bool:
+        try:
+            self._find(gpa, length)
+        except GuestMemoryError:
+            return False
+        return True
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        """A writable slice of guest RAM; the range must lie inside one region."""
+        r = self._find(gpa, length)
+        off = gpa - r.gpa
+        return r.view[off : off + length]
+
+    def read(self, gpa: int, length: int) -> bytes:
+        return bytes(self.view(gpa, length))
+
+    def write(self, gpa: int, data) -> None:
+        data = memoryview(data).cast("B")
+        self.view(gpa, len(data))[:] = data
+
+    def read_u16(self, gpa: int) -> int:
+        r = self._find(gpa, 2)
+        return _U16.unpack_from(r.view, gpa - r.gpa)[0]
+
+    def read_u32(self, gpa: int) -> int:
+        r = self._find(gpa, 4)
+        return _U32.unpack_from(r.view, gpa - r.gpa)[0]
+
+    def read_u64(self, gpa: int) -> int:
+        r = self._find(gpa, 8)
+        return _U64.unpack_from(r.view, gpa - r.gpa)[0]
+
+    def write_u16(self, gpa: int, value: int) -> None:
+        r = self._find(gpa, 2)
+        _U16.pack_into(r.view, gpa - r.gpa, value)
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        r = self._find(gpa, 4)
+        _U32.pack_into(r.view, gpa - r.gpa, value)
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        r = self._find(gpa, 8)
+        _U64.pack_into(r.view, gpa - r.gpa, value)
+
+    def pages(self) -> Iterator[tuple[int, memoryview]]:
+        """(gpa, view) for every guest page, in address order."""
+        for r in self._regions:
+            for off in range(0, r.size, PAGE_SIZE):
+                yield r.gpa + off, r.view[off : off + PAGE_SIZE]
+
+    def release(self) -> None:
+        """Drop our views so the adapter can close its mmaps (live views make close() fail)."""
+        for r in self._regions:
+            r.view.release()
+        self._regions = ()
+        self._buffers = []

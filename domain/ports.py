@@ -1,0 +1,170 @@
+"""Ports: what the domain and the application need from the outside world.
+
+Adapters implement these Protocols: KVM and the in-memory fake implement the hypervisor port;
+storage, net, memory and host adapters implement the rest. The contract suite in tests/contract
+pins the behaviour every hypervisor implementation must share.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+
+from domain.cpu_state import Regs, Sregs, VcpuSetup
+from domain.memory import GuestMemory
+from domain.vcpu_exit import VcpuExit
+
+# ---------------------------------------------------------------------------------------------
+# Hypervisor
+# ---------------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class HvVcpu(Protocol):
+    index: int
+
+    def setup(self, cfg: VcpuSetup) -> None:
+        """CPUID (hypervisor-supported set, per-vCPU APIC id/topology, hidden features), MSRs,
+        FPU defaults and LAPIC LINT0=ExtINT / LINT1=NMI."""
+
+    def run(self) -> VcpuExit:
+        """Run until the next exit the VMM must handle. Called only from this vCPU's thread."""
+
+    def kick(self) -> None:
+        """Thread-safe: make the current run() return Interrupted soon, or the next one at once."""
+
+    def clear_kick(self) -> None:
+        """Called by the vCPU thread before it runs again after a kick was handled."""
+
+    def thread_id(self) -> int | None:
+        """Native id of the thread that last called run(), None before the first run."""
+
+    def get_regs(self) -> Regs: ...
+
+    def set_regs(self, regs: Regs) -> None: ...
+
+    def get_sregs(self) -> Sregs: ...
+
+    def set_sregs(self, sregs: Sregs) -> None: ...
+
+    def save_state(self) -> dict[str, Any]:
+        """Complete, versionable vCPU state as plain data (ints, bytes, lists, dicts)."""
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        """Inverse of save_state; the state is untrusted and validated."""
+
+
+@runtime_checkable
+class HvVm(Protocol):
+    def set_memory_region(
+        self, slot: int, gpa: int, view: memoryview, *, readonly: bool = False, log_dirty: bool = False
+    ) -> None:
+        """Map host memory at gpa. An overlapping range or a busy slot raises HypervisorError
+        (errno EEXIST, as KVM answers)."""
+
+    def remove_memory_region(self, slot: int) -> None: ...
+
+    def get_dirty_log(self, slot: int) -> bytes:
+        """Bitmap (bit n = page n of the slot, little-endian bytes) of pages written since the
+        last call; reading clears it. The slot must have been set with log_dirty=True."""
+
+    def create_irqchip(self) -> None:
+        """In-kernel PIC/IOAPIC/LAPIC and PIT (KVM_CREATE_IRQCHIP + KVM_CREATE_PIT2)."""
+
+    def set_irq_line(self, gsi: int, level: bool) -> None: ...
+
+    def register_irqfd(self, fd: int, gsi: int) -> None: ...
+
+    def unregister_irqfd(self, fd: int, gsi: int) -> None: ...
+
+    def register_ioevent(self, fd: int, addr: int, length: int, datamatch: int | None, pio: bool) -> None: ...
+
+    def unregister_ioevent(self, fd: int, addr: int, length: int, datamatch: int | None, pio: bool) -> None: ...
+
+    def create_vcpu(self, index: int) -> HvVcpu: ...
+
+    def save_state(self) -> dict[str, Any]:
+        """VM-wide state: irqchip, PIT, clock."""
+
+    def restore_state(self, state: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class Hypervisor(Protocol):
+    kind: str  # "kvm" or "test": recorded in snapshots, refused if it does not match
+
+    def max_vcpus(self) -> int: ...
+
+    def create_vm(self) -> HvVm: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory, host resources, backends
+# ---------------------------------------------------------------------------------------------
+
+
+class MemoryAllocator(Protocol):
+    def allocate(self, layout: Sequence[tuple[int, int]], backing_file: str | None = None) -> GuestMemory:
+        """Allocate RAM for (gpa, size) ranges. With backing_file, map it copy-on-write
+        (MAP_PRIVATE) so start-up does not read it; offsets in the file follow the layout."""
+
+    def free(self, memory: GuestMemory) -> None: ...
+
+
+class BlockBackend(Protocol):
+    size: int
+    readonly: bool
+
+    def readv(self, offset: int, bufs: Sequence[memoryview]) -> int: ...
+
+    def writev(self, offset: int, bufs: Sequence[memoryview]) -> int: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class BlockOpener(Protocol):
+    def open(self, path: str, *, readonly: bool, direct: bool) -> BlockBackend:
+        """Raises HostResourceError with a clear reason when the image cannot be used."""
+
+
+class NetBackend(Protocol):
+    fd: int
+
+    def recv_into(self, buf: memoryview) -> int: ...
+
+    def sendv(self, bufs: Sequence[memoryview]) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class NetOpener(Protocol):
+    def open_tap(self, ifname: str) -> NetBackend:
+        """Raises HostResourceError when the tap cannot be opened."""
+
+
+class HostProbe(Protocol):
+    """Read-only checks of host resources, used before anything starts and on hotplug."""
+
+    def file_usable(self, path: str, *, write: bool) -> str | None:
+        """None when usable, else the reason (e.g. 'No such file or directory')."""
+
+    def pci_device_exists(self, host: str) -> bool: ...
+
+    def iommu_group(self, host: str) -> str | None: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Events
+# ---------------------------------------------------------------------------------------------
+
+
+class EventSink(Protocol):
+    def emit(self, event: "object") -> None:
+        """Deliver a domain event (domain.events) to every listener. Thread-safe; events emitted
+        from one thread reach every client in emission order."""
+
+
+Listener = Callable[[object], None]
