@@ -168,3 +168,24 @@ class EventSink(Protocol):
 
 
 Listener = Callable[[object], None]
+
+
+class IoPoller(Protocol):
+    """The device I/O thread: eventfds (ioeventfd queue notifies, irqfds) and tap fds."""
+
+    def new_eventfd(self) -> int: ...
+
+    def signal(self, fd: int) -> None:
+        """Add 1 to an eventfd (an irqfd trigger)."""
+
+    def close_fd(self, fd: int) -> None: ...
+
+    def watch(self, fd: int, callback: Callable[[], None], *, drain_eventfd: bool = True) -> None:
+        """Call ``callback`` in the I/O thread whenever fd is readable (an eventfd is drained
+        first)."""
+
+    def unwatch(self, fd: int) -> None: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
