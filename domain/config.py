@@ -41,6 +41,8 @@ class MemoryConfig:
     mem_path: str | None = None
     mem_share: bool = False
     hugepages: bool = False
+    prealloc: bool = False  # -mem-prealloc: touch every page before the guest starts
+    dump_guest_core: bool = True  # -machine dump-guest-core=on|off (MADV_DONTDUMP when off)
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ class NetdevConfig:
     ifname: str | None = None
     fd: int | None = None
     vhost: bool = False
+    queues: int = 1  # queue pairs (-netdev ...,queues=N)
 
 
 @dataclass(frozen=True)
