@@ -1,0 +1,272 @@
+"""Composition root: the dependency-injector container that picks the adapters.
+
+`-accel kvm|test` selects the hypervisor (and, for test, the fake guest's cooperative drivers).
+Tests override providers (container.hypervisor.override(...)) instead of patching modules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+
+from dependency_injector import containers, providers
+
+from domain.config import ACCEL_KVM, ACCEL_TEST, VmConfig
+from domain.errors import ConfigError, MissingCapabilityError, VmmError
+from domain.lifecycle import RunState
+
+log = logging.getLogger("pystrato")
+
+
+def _kvm_hypervisor():
+    from adapters.kvm.hypervisor import KvmHypervisor
+
+    return KvmHypervisor()
+
+
+def _fake_hypervisor():
+    from adapters.fake.hypervisor import FakeHypervisor
+
+    return FakeHypervisor()
+
+
+def _fake_agent():
+    from adapters.fake.guest import FakeGuestAgent
+
+    return FakeGuestAgent()
+
+
+def _allocator():
+    from adapters.host.memory import MmapAllocator
+
+    return MmapAllocator()
+
+
+def _block_opener():
+    from adapters.storage.block import RawImageOpener
+
+    return RawImageOpener()
+
+
+def _net_opener():
+    from adapters.net.tap import TapOpener
+
+    return TapOpener()
+
+
+def _poller():
+    from adapters.host.poller import EpollPoller
+
+    return EpollPoller()
+
+
+def host_probe():
+    from adapters.host.probe import HostProbe
+
+    return HostProbe()
+
+
+class Container(containers.DeclarativeContainer):
+    accel = providers.Object(ACCEL_KVM)
+    hypervisor = providers.Selector(
+        accel,
+        kvm=providers.Singleton(_kvm_hypervisor),
+        test=providers.Singleton(_fake_hypervisor),
+    )
+    guest_agent = providers.Selector(
+        accel,
+        kvm=providers.Object(None),
+        test=providers.Singleton(_fake_agent),
+    )
+    allocator = providers.Singleton(_allocator)
+    block_opener = providers.Singleton(_block_opener)
+    net_opener = providers.Singleton(_net_opener)
+    probe = providers.Singleton(host_probe)
+    poller = providers.Singleton(_poller)
+
+
+def choose_accel(config: VmConfig) -> str:
+    accel = config.machine.accel
+    if accel in (ACCEL_KVM, ACCEL_TEST):
+        if accel == ACCEL_KVM:
+            _require_kvm()
+        return accel
+    _require_kvm(hint=True)
+    return ACCEL_KVM
+
+
+def _require_kvm(hint: bool = False) -> None:
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        extra = " (use -accel test for the in-memory test hypervisor)" if hint else ""
+        raise ConfigError("-accel", f"cannot open /dev/kvm: {e.strerror}{extra}") from None
+    os.close(fd)
+
+
+class Runtime:
+    """One VMM process: the VM, its QMP servers, and the background services."""
+
+    def __init__(self, config: VmConfig, container: Container):
+        self.config = config
+        self.container = container
+        self.vm = None
+        self.servers: list = []
+        self.events = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.migration = None
+
+    async def start(self, loop, request_exit) -> None:
+        from adapters.qmp.events import QmpEventBroadcaster
+
+        self.loop = loop
+        self.events = QmpEventBroadcaster(loop)
+        self._request_exit = request_exit
+        self._build_vm()
+        await self._start_qmp()
+        self._start_vm()
+
+    def _build_vm(self) -> None:
+        from application.devices import DeviceManager
+        from application.vm import VirtualMachine
+
+        c, cfg = self.container, self.config
+        memory_file = None
+        records = None
+        if cfg.incoming and cfg.incoming.startswith("file:"):
+            from application.services.snapshot import load_snapshot
+
+            records, memory_file = load_snapshot(cfg.incoming[5:], cfg, c.hypervisor().kind)
+        console = _console_writer(cfg)
+        devices = DeviceManager(
+            cfg, block_opener=c.block_opener(), net_opener=c.net_opener(), probe=c.probe(),
+            poller=c.poller(), guest_agent=c.guest_agent(), console_write=console,
+            emit=self.events.emit)
+        self.vm = VirtualMachine(cfg, hypervisor=c.hypervisor(), allocator=c.allocator(),
+                                 events=self.events, devices=devices,
+                                 request_exit=self._request_exit, memory_file=memory_file)
+        try:
+            self.vm.build()
+            if records is not None:
+                self.vm.apply_state(records)
+        except BaseException:
+            self._release_quietly()
+            raise
+        self._restored = records is not None
+
+    async def _start_qmp(self) -> None:
+        from adapters.qmp.commands import default_table
+        from adapters.qmp.server import QmpServer
+        from application.management import Management
+
+        c = self.container
+        self.migration = self._migration_service()
+        self.api = Management(self.vm, migration=self.migration, guest_agent=c.guest_agent())
+        table = default_table()
+        if c.accel() == ACCEL_TEST:
+            from application.test_commands import register_test_commands
+
+            register_test_commands(table, self.vm)
+        for path in self.config.qmp:
+            srv = QmpServer(path, table, self.api, events=self.events)
+            await srv.start()
+            self.servers.append(srv)
+
+    def _migration_service(self):
+        try:
+            from application.services.migration_facade import MigrationFacade
+        except ImportError:
+            return None
+        return MigrationFacade.create(self.vm, self.config)
+
+    def _start_vm(self) -> None:
+        cfg = self.config
+        if cfg.incoming and not cfg.incoming.startswith("file:"):
+            self.vm.start(RunState.INMIGRATE)
+            self.migration.incoming(cfg.incoming)
+        elif getattr(self, "_restored", False):
+            self.vm.start(RunState.RUNNING)
+        else:
+            self.vm.start(RunState.RUNNING)
+        if cfg.serial.backend == "stdio":
+            _start_stdin_reader(self.vm)
+
+    def on_signal(self) -> None:
+        if self.vm is not None:
+            self.vm.shutdown(guest=False, reason="host-signal")
+        else:
+            self._request_exit(0)
+
+    async def abort(self) -> None:
+        for s in self.servers:
+            await s.close()
+        self._release_quietly()
+
+    async def finish(self) -> None:
+        # Let queued events (SHUTDOWN) reach the clients before the sockets close.
+        await asyncio.sleep(0)
+        for s in self.servers:
+            await s.close()
+        self._release_quietly()
+
+    def _release_quietly(self) -> None:
+        if self.vm is None:
+            return
+        try:
+            self.vm.shutdown_vcpus_only = True
+            for r in self.vm.runners:
+                r.stop(timeout=1.0)
+            self.vm.release()
+        except Exception:
+            log.exception("teardown failed")
+
+
+def _console_writer(cfg: VmConfig):
+    s = cfg.serial
+    if s.backend == "stdio":
+        out = sys.stdout.buffer
+
+        def write(data: bytes) -> None:
+            out.write(data)
+            out.flush()
+
+        return write
+    if s.backend == "file":
+        f = open(s.path, "ab", buffering=0)
+        return f.write
+    return None
+
+
+def _start_stdin_reader(vm) -> None:
+    import threading
+
+    serial = getattr(vm.devices.platform, "serial", None)
+    if serial is None or not sys.stdin or sys.stdin.closed:
+        return
+
+    def pump():
+        fd = sys.stdin.fileno()
+        while True:
+            try:
+                data = os.read(fd, 64)
+            except OSError:
+                return
+            if not data:
+                return
+            serial.enqueue_input(data)
+
+    threading.Thread(target=pump, name="stdin", daemon=True).start()
+
+
+def build_runtime(config: VmConfig) -> Runtime:
+    container = Container()
+    container.accel.override(choose_accel(config))
+    try:
+        container.hypervisor()
+    except MissingCapabilityError:
+        raise
+    except VmmError:
+        raise
+    return Runtime(config, container)
