@@ -1,0 +1,45 @@
+"""Direct Linux boot: load kernel and initrd, write the boot structures, return the BSP state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from domain.boot import layout
+from domain.boot.cpu import setup_boot_cpu
+from domain.boot.errors import BootError
+from domain.boot.loader import KernelInfo, load_kernel
+from domain.boot.mptable import setup_mptable
+from domain.boot.params import load_initrd, write_boot_params, write_cmdline
+from domain.cpu_state import Regs, Sregs
+from domain.memory import GuestMemory
+
+
+@dataclass(frozen=True)
+class BootInfo:
+    kernel: KernelInfo
+    regs: Regs
+    sregs: Sregs
+    initrd: tuple[int, int] | None  # (gpa, size)
+
+
+def boot_linux(mem: GuestMemory, kernel_bytes, initrd_bytes, cmdline: str | bytes,
+               nr_vcpus: int, max_vcpus: int | None = None) -> BootInfo:
+    """Everything setup_linux_boot does, also returning where things went."""
+    if not mem.contains(0, layout.HIMEM_START):
+        raise BootError("guest RAM must cover the first MiB", "-m")
+    kernel = load_kernel(mem, kernel_bytes)
+    cmdline_len = write_cmdline(mem, kernel, cmdline)
+    initrd = None
+    if initrd_bytes is not None and len(initrd_bytes):
+        initrd = load_initrd(mem, kernel, initrd_bytes)
+    write_boot_params(mem, kernel, cmdline_len, initrd)
+    setup_mptable(mem, nr_vcpus, max_vcpus)
+    regs, sregs = setup_boot_cpu(mem, kernel.entry)
+    return BootInfo(kernel, regs, sregs, initrd)
+
+
+def setup_linux_boot(mem: GuestMemory, kernel_bytes, initrd_bytes, cmdline: str | bytes,
+                     nr_vcpus: int, max_vcpus: int | None = None) -> tuple[Regs, Sregs]:
+    """Load a bzImage or ELF vmlinux (+ optional initrd) and return the BSP's (Regs, Sregs)."""
+    info = boot_linux(mem, kernel_bytes, initrd_bytes, cmdline, nr_vcpus, max_vcpus)
+    return info.regs, info.sregs
