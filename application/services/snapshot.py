@@ -1,0 +1,158 @@
+"""Memory snapshots (`migrate` to file:DIR on a paused VM) and restore (`-incoming file:DIR`).
+
+Save writes DIR/memory (raw pages, zero pages as holes) and DIR/state (the versioned state file,
+domain.snapshot_format) through a SnapshotStore. Restore is split so that the composition root
+can map the memory file copy-on-write before it builds the VM:
+
+    records, mem_path = load_snapshot(dir, config, kind, store)   # validates, touches nothing
+    memory = allocator.allocate(layout, backing_file=mem_path)     # MAP_PRIVATE
+    vm = build(config, memory)                                     # vCPUs parked
+    SnapshotService(vm, store, state).restore(records)             # apply state, run
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol, Sequence
+
+from application.migratable import MigratableVm
+from domain.config import VmConfig
+from domain.errors import (
+    IncompatibleConfigError,
+    InvalidStateError,
+    MigrationError,
+    SnapshotFormatError,
+    VmmError,
+)
+from domain.events import Resumed
+from domain.lifecycle import RunState
+from domain.memory import GuestMemory
+from domain.migration import (
+    KIND_INCOMING,
+    KIND_SNAPSHOT,
+    MigrationState,
+    MigrationStatus,
+    check_compatible,
+    config_fingerprint,
+    merge_blockers,
+    snapshot_blockers,
+)
+from domain.snapshot_format import (
+    Records,
+    SnapshotHeader,
+    decode_state_file,
+    encode_state_file,
+    memory_file_size,
+)
+
+_log = logging.getLogger("pystrato.snapshot")
+
+
+class SnapshotStore(Protocol):
+    """Where snapshots live (adapters/storage/snapshot_store.py: DIR/memory + DIR/state)."""
+
+    def save(self, directory: str, state: bytes, memory: GuestMemory) -> None:
+        """Write both files so that a failure leaves neither a half file nor a stale pair.
+        Raises OSError (ENOENT, EACCES, ENOSPC, ...)."""
+
+    def read_state(self, directory: str) -> bytes:
+        """The state file's bytes. MigrationError when it cannot be read, SnapshotFormatError
+        when it is foreign or larger than the format allows (checked before reading it all)."""
+
+    def memory_file(self, directory: str) -> tuple[str, int]:
+        """(path, size) of the memory file; MigrationError when missing."""
+
+
+def memory_layout(memory: GuestMemory) -> tuple[tuple[int, int], ...]:
+    return tuple((r.gpa, r.size) for r in memory.regions)
+
+
+def load_snapshot(directory: str, config: VmConfig, kind: str, store: SnapshotStore,
+                  layout: Sequence[tuple[int, int]] | None = None) -> tuple[Records, str]:
+    """Validate DIR before anything is built: the state file (magic, version, arch, kind, caps,
+    checksum), the configuration (same smp, memory, devices, addresses, MACs), the layout when
+    given, and the memory file's size (a short file would SIGBUS the guest later).
+    Returns (state records, memory file path) for the allocator and VM.apply_state."""
+    blockers = snapshot_blockers(config)
+    if blockers:
+        raise MigrationError("cannot restore a snapshot with " + ", ".join(blockers))
+    header, records = decode_state_file(store.read_state(directory), expected_kind=kind)
+    check_compatible(header.fingerprint, config_fingerprint(config, kind))
+    if layout is not None and tuple(map(tuple, layout)) != header.layout:
+        raise IncompatibleConfigError(
+            f"memory layout differs: snapshot {_fmt_layout(header.layout)}, this VM {_fmt_layout(layout)}")
+    path, size = store.memory_file(directory)
+    need = memory_file_size(header.layout)
+    if size != need:
+        raise SnapshotFormatError(
+            f"snapshot memory file {path} has {size} bytes, the state file expects {need}")
+    return records, path
+
+
+def _fmt_layout(layout) -> str:
+    return ",".join(f"{gpa:#x}+{size:#x}" for gpa, size in layout)
+
+
+class SnapshotService:
+    def __init__(self, vm: MigratableVm, store: SnapshotStore, state: MigrationState,
+                 log: logging.Logger | None = None):
+        self._vm = vm
+        self._store = store
+        self._state = state
+        self._log = log or _log
+
+    def save(self, directory: str) -> dict:
+        """`migrate` with file:DIR. Synchronous: when it returns, query-migrate says completed;
+        on a write error it says failed, the VM stays paused and intact, and MigrationError
+        carries the reason."""
+        vm = self._vm
+        if vm.run_state is not RunState.PAUSED:
+            raise InvalidStateError("VM must be paused (run 'stop') before taking a snapshot")
+        blockers = merge_blockers(snapshot_blockers(vm.config), vm.migration_blockers())
+        if blockers:
+            raise MigrationError("snapshot is not possible with " + ", ".join(blockers))
+        self._state.begin(KIND_SNAPSHOT)
+        # save-vm refuses 'cont' while memory is being written.
+        vm.set_run_state(RunState.SAVE_VM)
+        try:
+            self._state.transition(MigrationStatus.ACTIVE)
+            kind = vm.hypervisor_kind
+            header = SnapshotHeader(kind, memory_layout(vm.memory), config_fingerprint(vm.config, kind))
+            data = encode_state_file(header, vm.collect_state())
+            self._store.save(directory, data, vm.memory)
+        except OSError as e:
+            reason = f"cannot write snapshot to {directory}: {e.strerror or e}"
+        except (VmmError, ValueError) as e:
+            reason = f"snapshot failed: {e}"
+        else:
+            reason = None
+        finally:
+            vm.set_run_state(RunState.PAUSED)
+        if reason is not None:
+            self._state.fail(reason)
+            self._log.error("%s", reason)
+            raise MigrationError(reason)
+        self._state.transition(MigrationStatus.COMPLETED)
+        self._log.info("snapshot written to %s", directory)
+        return {}
+
+    def restore(self, records: Records, *, start: bool = True) -> None:
+        """Apply the records of load_snapshot to a VM built from the same configuration over the
+        snapshot's memory, then run it (or leave it paused). Raises on records that do not fit."""
+        vm = self._vm
+        self._state.begin(KIND_INCOMING)
+        self._state.transition(MigrationStatus.ACTIVE)
+        vm.set_run_state(RunState.RESTORE_VM)
+        try:
+            vm.apply_state(records)
+        except VmmError as e:
+            self._state.fail(str(e))
+            vm.set_run_state(RunState.INTERNAL_ERROR)
+            raise
+        if start:
+            vm.set_run_state(RunState.RUNNING)
+            vm.resume_vcpus()
+            vm.emit(Resumed())
+        else:
+            vm.set_run_state(RunState.PAUSED)
+        self._state.transition(MigrationStatus.COMPLETED)
