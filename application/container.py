@@ -143,7 +143,8 @@ class Runtime:
         devices = DeviceManager(
             cfg, block_opener=c.block_opener(), net_opener=c.net_opener(), probe=c.probe(),
             poller=c.poller(), guest_agent=c.guest_agent(), console_write=console,
-            emit=self.events.emit)
+            emit=self.events.emit, read_file=_read_file,
+            discard=getattr(c.allocator(), "discard", None))
         self.vm = VirtualMachine(cfg, hypervisor=c.hypervisor(), allocator=c.allocator(),
                                  events=self.events, devices=devices,
                                  request_exit=self._request_exit, memory_file=memory_file)
@@ -157,18 +158,21 @@ class Runtime:
         self._restored = records is not None
 
     async def _start_qmp(self) -> None:
-        from adapters.qmp.commands import default_table
+        from adapters.qmp.commands import standard_table
+        from adapters.qmp.schema import Schema, opt, req
         from adapters.qmp.server import QmpServer
+        from application.guest_test_control import GuestTestControl
         from application.management import Management
 
         c = self.container
         self.migration = self._migration_service()
         self.api = Management(self.vm, migration=self.migration, guest_agent=c.guest_agent())
-        table = default_table()
+        table = standard_table()
+        ctl = GuestTestControl(self.vm)
+        table.register("x-query-memory-digest", Schema(), lambda api, a: ctl.memory_digest())
         if c.accel() == ACCEL_TEST:
-            from application.test_commands import register_test_commands
-
-            register_test_commands(table, self.vm)
+            table.register("x-guest-touch", Schema(req("pages", "int"), opt("seed", "int")),
+                           lambda api, a: ctl.touch(a["pages"], a.get("seed", 0)))
         for path in self.config.qmp:
             srv = QmpServer(path, table, self.api, events=self.events)
             await srv.start()
@@ -221,6 +225,14 @@ class Runtime:
             self.vm.release()
         except Exception:
             log.exception("teardown failed")
+
+
+def _read_file(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ConfigError("", f"cannot read '{path}': {e.strerror}") from None
 
 
 def _console_writer(cfg: VmConfig):

@@ -78,7 +78,9 @@ class GuestAgent:
 class DeviceManager:
     def __init__(self, config: VmConfig, *, block_opener: BlockOpener, net_opener: NetOpener,
                  probe: HostProbe, poller: IoPoller, guest_agent: GuestAgent | None,
-                 console_write: Callable[[bytes], None] | None, emit: Callable[[Any], None]):
+                 console_write: Callable[[bytes], None] | None, emit: Callable[[Any], None],
+                 read_file: Callable[[str], bytes] | None = None,
+                 discard: Callable[[GuestMemory, int, int], None] | None = None, vfio=None):
         self.config = config
         self._blocks = block_opener
         self._nets = net_opener
@@ -87,6 +89,9 @@ class DeviceManager:
         self._agent = guest_agent
         self._console_write = console_write
         self._emit = emit
+        self.read_file = read_file
+        self._discard = discard
+        self.vfio = vfio
         self.pio = Bus()
         self.mmio = Bus()
         self.topology = DeviceTopology(config.machine.type)
@@ -133,6 +138,11 @@ class DeviceManager:
             node.backend.close()
         for node in list(self.netdevs._items.values()):
             node.backend.close()
+
+    def discard_memory(self, gpa: int, length: int) -> None:
+        """The balloon took these guest pages: give their host memory back."""
+        if self._discard is not None and self.memory is not None:
+            self._discard(self.memory, gpa, length)
 
     # --- backends ----------------------------------------------------------------------------------
 

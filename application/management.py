@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from domain.config import MICROVM, DeviceConfig
-from domain.errors import InvalidArgumentError, InvalidStateError
+from domain.errors import ConfigError, InvalidArgumentError, InvalidStateError
 from domain.topology import parse_addr
 
 from application.api import AfterReply
@@ -153,9 +153,12 @@ class Management:
             if "bus" in fields:
                 raise InvalidArgumentError("microvm has no PCI buses: drop 'bus'")
         if "mac" in fields:
-            from domain.cmdline import check_mac
+            from domain.cmdline_values import parse_mac
 
-            check_mac(fields["mac"])
+            try:
+                fields["mac"] = parse_mac("mac", fields["mac"])
+            except ConfigError as e:
+                raise InvalidArgumentError(e.reason) from None
         return DeviceConfig(**fields)
 
     def device_del(self, id: str) -> dict:

@@ -1,0 +1,46 @@
+"""Use cases behind the `x-` QMP commands that the test hypervisor offers (-accel test).
+
+They let a management stack (and our e2e tests) make the fake guest dirty its memory, and let
+anyone compare guest memory across a snapshot or a migration by digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+from domain.errors import InvalidArgumentError
+from domain.memory import PAGE_SIZE
+
+MAX_TOUCH_PAGES = 1 << 20
+
+
+class GuestTestControl:
+    def __init__(self, vm):
+        self.vm = vm
+
+    def touch(self, pages: int, seed: int = 0) -> dict:
+        """The fake guest writes a seed-derived pattern into ``pages`` pseudo-random pages."""
+        if not 0 < pages <= MAX_TOUCH_PAGES:
+            raise InvalidArgumentError(f"'pages' must be 1..{MAX_TOUCH_PAGES}")
+        hv = self.vm.hv_vm
+        if not hasattr(hv, "guest_write"):
+            raise InvalidArgumentError("x-guest-touch needs -accel test")
+        rng = random.Random(seed)
+        regions = self.vm.memory.regions
+        total = sum(r.size for r in regions) // PAGE_SIZE
+        for _ in range(pages):
+            n = rng.randrange(total)
+            for r in regions:
+                if n < r.size // PAGE_SIZE:
+                    gpa = r.gpa + n * PAGE_SIZE
+                    break
+                n -= r.size // PAGE_SIZE
+            hv.guest_write(gpa, rng.randbytes(64) * (PAGE_SIZE // 64))
+        return {"touched": pages}
+
+    def memory_digest(self) -> dict:
+        h = hashlib.sha256()
+        for r in self.vm.memory.regions:
+            h.update(r.view)
+        return {"sha256": h.hexdigest()}
