@@ -1,0 +1,143 @@
+"""CPUID presented to a guest: KVM's supported set fixed up per vCPU.
+
+Pure Python over plain entries ``[function, index, flags, eax, ebx, ecx, edx]`` so the rules can be
+tested without /dev/kvm. What is fixed up (as Firecracker and Cloud Hypervisor do):
+leaf 1 (APIC id, logical count, HTT, hypervisor bit), leaf 4 (cores / threads sharing a cache),
+leaves 0xB and 0x1F (x2APIC topology, one set per vCPU), AMD 0x80000008 (core count), and the
+feature bits the configuration hides.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from domain.cpu_state import VcpuSetup
+from domain.errors import HypervisorError
+
+FUNCTION, INDEX, FLAGS, EAX, EBX, ECX, EDX = range(7)
+_REG = {"eax": EAX, "ebx": EBX, "ecx": ECX, "edx": EDX}
+
+# name -> (leaf, subleaf, register, bit); names as Linux prints them in /proc/cpuinfo, which is
+# also what the kernel's clearcpuid= takes.
+FEATURES: dict[str, tuple[int, int, str, int]] = {
+    # leaf 1 ECX
+    "sse3": (1, 0, "ecx", 0), "pclmulqdq": (1, 0, "ecx", 1), "monitor": (1, 0, "ecx", 3),
+    "vmx": (1, 0, "ecx", 5), "ssse3": (1, 0, "ecx", 9), "fma": (1, 0, "ecx", 12),
+    "cx16": (1, 0, "ecx", 13), "pdcm": (1, 0, "ecx", 15), "pcid": (1, 0, "ecx", 17),
+    "sse4_1": (1, 0, "ecx", 19), "sse4_2": (1, 0, "ecx", 20), "x2apic": (1, 0, "ecx", 21),
+    "movbe": (1, 0, "ecx", 22), "popcnt": (1, 0, "ecx", 23), "tsc_deadline_timer": (1, 0, "ecx", 24),
+    "aes": (1, 0, "ecx", 25), "xsave": (1, 0, "ecx", 26), "avx": (1, 0, "ecx", 28),
+    "f16c": (1, 0, "ecx", 29), "rdrand": (1, 0, "ecx", 30),
+    # leaf 1 EDX
+    "mtrr": (1, 0, "edx", 12), "pat": (1, 0, "edx", 16), "clflush": (1, 0, "edx", 19),
+    "sse": (1, 0, "edx", 25), "sse2": (1, 0, "edx", 26),
+    # leaf 7.0 EBX
+    "fsgsbase": (7, 0, "ebx", 0), "tsc_adjust": (7, 0, "ebx", 1), "bmi1": (7, 0, "ebx", 3),
+    "hle": (7, 0, "ebx", 4), "avx2": (7, 0, "ebx", 5), "smep": (7, 0, "ebx", 7),
+    "bmi2": (7, 0, "ebx", 8), "erms": (7, 0, "ebx", 9), "invpcid": (7, 0, "ebx", 10),
+    "rtm": (7, 0, "ebx", 11), "mpx": (7, 0, "ebx", 14), "avx512f": (7, 0, "ebx", 16),
+    "avx512dq": (7, 0, "ebx", 17), "rdseed": (7, 0, "ebx", 18), "adx": (7, 0, "ebx", 19),
+    "smap": (7, 0, "ebx", 20), "avx512ifma": (7, 0, "ebx", 21), "clflushopt": (7, 0, "ebx", 23),
+    "clwb": (7, 0, "ebx", 24), "avx512cd": (7, 0, "ebx", 28), "sha_ni": (7, 0, "ebx", 29),
+    "avx512bw": (7, 0, "ebx", 30), "avx512vl": (7, 0, "ebx", 31),
+    # leaf 7.0 ECX
+    "avx512vbmi": (7, 0, "ecx", 1), "umip": (7, 0, "ecx", 2), "pku": (7, 0, "ecx", 3),
+    "waitpkg": (7, 0, "ecx", 5), "avx512_vbmi2": (7, 0, "ecx", 6), "gfni": (7, 0, "ecx", 8),
+    "vaes": (7, 0, "ecx", 9), "vpclmulqdq": (7, 0, "ecx", 10), "avx512_vnni": (7, 0, "ecx", 11),
+    "avx512_bitalg": (7, 0, "ecx", 12), "avx512_vpopcntdq": (7, 0, "ecx", 14),
+    "la57": (7, 0, "ecx", 16), "rdpid": (7, 0, "ecx", 22), "movdiri": (7, 0, "ecx", 27),
+    "movdir64b": (7, 0, "ecx", 28),
+    # leaf 7.0 EDX
+    "md_clear": (7, 0, "edx", 10), "serialize": (7, 0, "edx", 14), "spec_ctrl": (7, 0, "edx", 26),
+    "flush_l1d": (7, 0, "edx", 28), "arch_capabilities": (7, 0, "edx", 29), "ssbd": (7, 0, "edx", 31),
+    # leaf 0xD.1 EAX
+    "xsaveopt": (0xD, 1, "eax", 0), "xsavec": (0xD, 1, "eax", 1), "xgetbv1": (0xD, 1, "eax", 2),
+    "xsaves": (0xD, 1, "eax", 3),
+    # leaf 0x80000001
+    "lahf_lm": (0x80000001, 0, "ecx", 0), "abm": (0x80000001, 0, "ecx", 5),
+    "sse4a": (0x80000001, 0, "ecx", 6), "3dnowprefetch": (0x80000001, 0, "ecx", 8),
+    "topoext": (0x80000001, 0, "ecx", 22), "nx": (0x80000001, 0, "edx", 20),
+    "pdpe1gb": (0x80000001, 0, "edx", 26), "rdtscp": (0x80000001, 0, "edx", 27),
+}
+
+_HTT = 1 << 28  # leaf 1 EDX: more than one logical processor per package
+_HYPERVISOR = 1 << 31  # leaf 1 ECX
+_TOPOLOGY_LEAVES = (0xB, 0x1F)
+_LEVEL_SMT, _LEVEL_CORE = 1, 2
+
+
+def check_features(names: Iterable[str]) -> None:
+    unknown = sorted(n for n in names if n not in FEATURES)
+    if unknown:
+        raise HypervisorError(f"unknown CPU feature(s) to hide: {', '.join(unknown)}")
+
+
+def _bits(count: int) -> int:
+    """Width of an APIC-id field able to number ``count`` items."""
+    return max(count - 1, 0).bit_length()
+
+
+def _vendor(entries: list[list[int]]) -> bytes:
+    for e in entries:
+        if e[FUNCTION] == 0:
+            return b"".join(v.to_bytes(4, "little") for v in (e[EBX], e[EDX], e[ECX]))
+    return b""
+
+
+def _find(entries: list[list[int]], function: int, index: int = 0) -> list[int] | None:
+    for e in entries:
+        if e[FUNCTION] == function and e[INDEX] == index:
+            return e
+    return None
+
+
+def normalize(entries: Iterable[Iterable[int]], cfg: VcpuSetup, significant_index: int) -> list[list[int]]:
+    """Per-vCPU CPUID from the hypervisor's supported entries (which are not modified).
+
+    ``significant_index`` is KVM's flag marking leaves whose subleaf (ECX) matters.
+    """
+    check_features(cfg.hidden_features)
+    out = [list(e) for e in entries]
+    threads = max(cfg.threads_per_core, 1)
+    per_package = threads * max(cfg.cores_per_socket, 1)
+    thread_bits = _bits(threads)
+    package_bits = thread_bits + _bits(max(cfg.cores_per_socket, 1))
+    max_basic = (_find(out, 0) or [0, 0, 0, 0])[EAX]
+
+    for e in out:
+        fn = e[FUNCTION]
+        if fn == 1:
+            e[EBX] = (e[EBX] & 0xFFFF) | ((1 << package_bits) & 0xFF) << 16 | (cfg.apic_id & 0xFF) << 24
+            e[EDX] = e[EDX] | _HTT if per_package > 1 else e[EDX] & ~_HTT
+            e[ECX] |= _HYPERVISOR
+        elif fn == 4 and e[EAX] & 0x1F:  # a valid cache descriptor
+            level = (e[EAX] >> 5) & 0x7
+            sharing = (1 << (package_bits if level >= 3 else thread_bits)) - 1
+            cores = (1 << (package_bits - thread_bits)) - 1
+            e[EAX] = (e[EAX] & 0x3FFF) | (sharing & 0xFFF) << 14 | (cores & 0x3F) << 26
+        elif fn == 0x80000008 and _vendor(out) == b"AuthenticAMD":
+            e[ECX] = (e[ECX] & ~0xF0FF) | (per_package - 1) & 0xFF | (package_bits & 0xF) << 12
+
+    present = {e[FUNCTION] for e in out}
+    out = [e for e in out if e[FUNCTION] not in _TOPOLOGY_LEAVES]
+    for leaf in _TOPOLOGY_LEAVES:
+        if leaf in present and leaf <= max_basic:
+            out.extend(_topology_leaf(leaf, cfg.apic_id, threads, per_package, thread_bits,
+                                      package_bits, significant_index))
+
+    for name in cfg.hidden_features:
+        leaf, sub, reg, bit = FEATURES[name]
+        e = _find(out, leaf, sub)
+        if e is not None:
+            e[_REG[reg]] &= ~(1 << bit)
+    return out
+
+
+def _topology_leaf(leaf: int, apic_id: int, threads: int, per_package: int, thread_bits: int,
+                   package_bits: int, flag: int) -> list[list[int]]:
+    # Subleaf 0: SMT level; 1: core level; 2: terminator (level type 0). EDX = x2APIC id.
+    return [
+        [leaf, 0, flag, thread_bits, threads, _LEVEL_SMT << 8 | 0, apic_id],
+        [leaf, 1, flag, package_bits, per_package, _LEVEL_CORE << 8 | 1, apic_id],
+        [leaf, 2, flag, 0, 0, 2, apic_id],
+    ]
