@@ -2,9 +2,10 @@
 vnet header, so virtio_net_hdr_v1 passes through unchanged in both directions.
 
 Queues: 0 = receive, 1 = transmit. Transmit runs on queue notify. Receive runs when the
-application sees the tap readable and calls ``process_rx()``; it returns False when the guest has
-no receive buffers posted, and the device calls the injected ``rx_wakeup()`` once the guest posts
-some (so the application can stop polling the tap meanwhile instead of spinning).
+application sees the tap readable (level-triggered) and calls ``process_rx()``: it returns False
+when it ran out of guest receive buffers; the application then stops watching the tap until the
+device calls the injected ``rx_wakeup()``, which it does when the guest posts buffers again.
+So a guest that does not post buffers never makes the I/O thread spin.
 """
 
 from __future__ import annotations
@@ -78,11 +79,12 @@ class VirtioNet(VirtioDevice):
     def handle_queue(self, index: int) -> None:
         if index == TX_QUEUE:
             self._tx()
-        elif index == RX_QUEUE:  # the guest posted receive buffers
-            was_stalled, self.rx_stalled = self.rx_stalled, False
-            self._rx()
-            if was_stalled and not self.rx_stalled and self._rx_wakeup is not None:
-                self._rx_wakeup()
+        elif index == RX_QUEUE and self.rx_stalled:  # the guest posted receive buffers
+            self.rx_stalled = False
+            if self._rx_wakeup is not None:
+                self._rx_wakeup()  # the application polls the tap again and calls process_rx
+            else:
+                self._rx()
 
     def _tx(self) -> None:
         q = self.queues[TX_QUEUE]
@@ -107,8 +109,9 @@ class VirtioNet(VirtioDevice):
         self.signal_used(TX_QUEUE)
 
     def process_rx(self) -> bool:
-        """Move packets from the tap into the guest. True when the tap was drained (or a batch was
-        moved); False when receive stalled for lack of guest buffers (``rx_wakeup`` follows)."""
+        """Move frames from the tap into the guest. True when the tap was drained or a batch was
+        moved (call again while the tap is readable); False when the guest's receive buffers ran
+        out (stop watching the tap until ``rx_wakeup()``)."""
         with self.lock:
             if not self.activated or not self.queues[RX_QUEUE].active or not self.link_up:
                 self._drop_pending()
