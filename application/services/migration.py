@@ -367,7 +367,14 @@ class MigrationService:
             if pos < region.size:
                 runs.append((region.gpa + pos, (region.size - pos) // PAGE_SIZE, True))
             self._send_batches(ch, c, runs)
-        c.rounds = 1
+        self._end_round(ch, c, 0)
+
+    def _end_round(self, ch: MigrationChannel, c: _Counter, rnd: int) -> None:
+        """ITERATION_END: after it, zero pages are real changes the destination must apply
+        (during the first pass its fresh RAM is already zero)."""
+        frame = proto.encode(proto.IterationEnd(rnd))
+        ch.send([frame])
+        c.transferred += len(frame)
         c.push()
 
     def _converge(self, ch: MigrationChannel, c: _Counter) -> list[int]:
@@ -392,9 +399,7 @@ class MigrationService:
                                       "(%d MiB left)", rnd, c.remaining >> 20)
                 return dirty
             self._send_runs(ch, c, page_runs(dirty))
-            frame = proto.encode(proto.IterationEnd(rnd))
-            ch.send([frame])
-            c.transferred += len(frame)
+            self._end_round(ch, c, rnd)
             rnd += 1
 
     def _send_runs(self, ch: MigrationChannel, c: _Counter, runs: list[tuple[int, int]]) -> None:
@@ -684,3 +689,50 @@ def dispatch_migrate(uri: str, extra: dict, *, snapshot: SnapshotService,
     if u.scheme == "file":
         return snapshot.save(u.path)
     return migration.migrate(uri, verify=verify)
+
+
+class MigrationFacade:
+    """One VM's snapshot and migration entry points, as the management API and the composition
+    root use them. The adapters are injected (this module may not import them):
+
+        MigrationFacade(vm, store=FileSnapshotStore(PagemapZeroScanner()),
+                        channels=SocketChannelFactory(), zero_scanner=PagemapZeroScanner())
+    """
+
+    def __init__(self, vm: MigratableVm, *, store, channels: ChannelFactory,
+                 log: logging.Logger | None = None, state: MigrationState | None = None,
+                 **migration_options):
+        self.state = state or MigrationState()
+        self.snapshots = SnapshotService(vm, store, self.state, log)
+        self.migration = MigrationService(vm, channels, self.state, log, **migration_options)
+        self._incoming: threading.Thread | None = None
+
+    def query(self) -> dict:
+        """query-migrate."""
+        return self.state.query_migrate_info()
+
+    def migrate(self, uri: str, **extra) -> dict:
+        """`migrate`: file:DIR (snapshot, synchronous) or tcp:/unix: (background)."""
+        extra.pop("detach", None)  # QEMU's legacy flag: migration always runs detached
+        unknown = sorted(set(extra) - {"verify"})
+        if unknown:
+            raise InvalidArgumentError(f"unexpected migrate argument(s): {', '.join(unknown)}")
+        return dispatch_migrate(uri, extra, snapshot=self.snapshots, migration=self.migration)
+
+    def cancel(self) -> dict:
+        """`migrate_cancel`."""
+        return self.migration.migrate_cancel()
+
+    def incoming(self, uri: str) -> str:
+        """-incoming tcp:/unix:. Binds now (MigrationError if it cannot: exit non-zero), then
+        receives in a background thread; the VM must be built with its vCPUs parked (inmigrate).
+        On failure or cancel the thread calls vm.request_exit(code). Returns the bound address."""
+        address = self.migration.listen_incoming(uri)
+        t = threading.Thread(target=self.migration.run_incoming, name="migration-in", daemon=True)
+        self._incoming = t
+        t.start()
+        return address
+
+    def shutdown(self) -> None:
+        """The process is quitting: stop waiting for/receiving an incoming migration."""
+        self.migration.shutdown()
