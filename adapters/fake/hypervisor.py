@@ -372,6 +372,7 @@ class FakeVcpu:
         self._wake = threading.Event()
         self._native_id: int | None = None
         self.setup_config: VcpuSetup | None = None
+        self.unhidden_features: tuple[str, ...] = ()  # the fake hides whatever it is asked to
 
     def setup(self, cfg: VcpuSetup) -> None:
         check_features(cfg.hidden_features)

@@ -68,7 +68,7 @@ class MmapAllocator:
 
     def free(self, memory: GuestMemory) -> None:
         """Drop the views, then unmap. A mapping still pinned elsewhere (a VM not yet closed)
-        raises HostResourceError; the rest are unmapped anyway."""
+        raises HostResourceError; the rest are unmapped anyway, and free() may be called again."""
         maps = self._maps.pop(memory, None)
         if maps is None:
             raise InvalidArgumentError("guest memory was not allocated here or was already freed")
@@ -79,14 +79,16 @@ class MmapAllocator:
             raise HostResourceError("guest RAM is still mapped by a VM (close the VM first)") from None
         busy = _close_all(maps)
         if busy:
-            raise HostResourceError(f"{busy} guest RAM mapping(s) still in use (close the VM first)")
+            self._maps[memory] = busy  # a later free() closes the rest
+            raise HostResourceError(f"{len(busy)} guest RAM mapping(s) still in use (close the VM first)")
 
 
-def _close_all(maps: list[mmap.mmap]) -> int:
-    busy = 0
+def _close_all(maps: list[mmap.mmap]) -> list[mmap.mmap]:
+    """Close what can be closed; return the mappings something still exports."""
+    busy = []
     for m in maps:
         try:
             m.close()
         except BufferError:
-            busy += 1
+            busy.append(m)
     return busy

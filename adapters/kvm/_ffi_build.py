@@ -315,4 +315,6 @@ if __name__ == "__main__":
     here = pathlib.Path(__file__).resolve().parent
     with tempfile.TemporaryDirectory() as tmp:
         built = ffibuilder.compile(tmpdir=tmp, verbose=False)
+        for stale in here.glob("_kvm_cffi*.so"):  # e.g. the .abi3.so of an earlier pip build
+            stale.unlink()
         shutil.copy2(built, here / pathlib.Path(built).name)

@@ -141,3 +141,15 @@ def _topology_leaf(leaf: int, apic_id: int, threads: int, per_package: int, thre
         [leaf, 1, flag, package_bits, per_package, _LEVEL_CORE << 8 | 1, apic_id],
         [leaf, 2, flag, 0, 0, 2, apic_id],
     ]
+
+
+def visible_features(entries: Iterable[Iterable[int]], names: Iterable[str]) -> tuple[str, ...]:
+    """Those of ``names`` whose bit is set in ``entries`` (e.g. what KVM kept after a hide)."""
+    table = {(e[FUNCTION], e[INDEX]): e for e in (list(x) for x in entries)}
+    out = []
+    for name in names:
+        leaf, sub, reg, bit = FEATURES[name]
+        e = table.get((leaf, sub))
+        if e is not None and e[_REG[reg]] >> bit & 1:
+            out.append(name)
+    return tuple(out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -21,6 +22,8 @@ REQUIRED_CAPS = (
 
 # A real-time signal with a C no-op handler: it only knocks a vCPU thread out of KVM_RUN.
 KICK_SIGNAL = signal.SIGRTMIN
+
+log = logging.getLogger("pystrato.kvm")
 
 _MAX_CPUID = 256
 _MAX_MSRS = 1024
@@ -63,6 +66,7 @@ class KvmHypervisor:
         self._msr_index: tuple[int, ...] | None = None
         self.saveable_msrs: tuple[int, ...] | None = None  # learned from the first vCPU saved
         self._lock = threading.Lock()
+        self._warned: set[tuple[str, ...]] = set()
 
     @property
     def fd(self) -> int:
@@ -93,6 +97,15 @@ class KvmHypervisor:
                 n = check(lib.px_get_msr_index_list(self._fd, buf, _MAX_MSRS), "KVM_GET_MSR_INDEX_LIST")
                 self._msr_index = tuple(buf[0:n])
             return self._msr_index
+
+    def warn_unhidden(self, names: tuple[str, ...]) -> None:
+        """Logged once per set of names, not once per vCPU."""
+        with self._lock:
+            if names in self._warned:
+                return
+            self._warned.add(names)
+        log.warning("KVM keeps these hidden CPU features visible to the guest: %s "
+                    "(hide them in the guest, e.g. clearcpuid=)", ",".join(names))
 
     def create_vm(self):
         from adapters.kvm.vm import KvmVm

@@ -93,6 +93,7 @@ class KvmVcpu:
         self._native_id: int | None = None
         self._regs = ffi.new("struct kvm_regs *")
         self._sregs = ffi.new("struct kvm_sregs *")
+        self.unhidden_features: tuple[str, ...] = ()  # hidden by setup() but kept by KVM
 
     # --- the hot path ------------------------------------------------------------------------------
 
@@ -189,6 +190,11 @@ class KvmVcpu:
     def setup(self, cfg: VcpuSetup) -> None:
         entries = cpuid_rules.normalize(self._hv.supported_cpuid(), cfg, lib.KVM_CPUID_FLAG_SIGNIFCANT_INDEX)
         self.set_cpuid(entries)
+        # Some hosts (kvm-pvm) put host bits back into leaves 1, 7 and 0xD: say which hidden
+        # features the guest still sees, so its kernel can be told (clearcpuid=).
+        self.unhidden_features = cpuid_rules.visible_features(self.get_cpuid(), cfg.hidden_features)
+        if self.unhidden_features:
+            self._hv.warn_unhidden(self.unhidden_features)
         self.set_msrs(BOOT_MSRS)
         fpu = ffi.new("struct kvm_fpu *")
         fpu.fcw, fpu.mxcsr = _FPU_FCW, _FPU_MXCSR

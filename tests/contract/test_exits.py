@@ -96,3 +96,10 @@ def test_guest_ram_reads_and_writes_stay_in_ram(machine):
     expect(machine.vcpu.run(), IoOut, 0x80, b"\x99")
     assert type(machine.vcpu.run()) is Hlt
     assert machine.memory.read(0x6001, 1) == b"\x33"
+
+
+def test_real_mode_16_bit_addressing_and_high_bytes(machine):
+    # mov bx,0x6000; mov ah,[bx+1]; mov al,ah; out 0x80,al; hlt
+    machine.memory.write(0x6001, b"\x5c")
+    machine.load(b"\xbb\x00\x60" + b"\x8a\x67\x01" + b"\x88\xe0" + asm.out_imm(0x80) + asm.HLT, "real")
+    expect(machine.vcpu.run(), IoOut, 0x80, b"\x5c")

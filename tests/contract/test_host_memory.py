@@ -1,0 +1,103 @@
+"""MmapAllocator: the MemoryAllocator port on host mmaps."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from adapters.fake.hypervisor import FakeHypervisor
+from adapters.host.memory import MmapAllocator
+from domain.errors import HostResourceError, InvalidArgumentError
+
+MiB = 1 << 20
+
+
+def test_anonymous_regions_are_zeroed_and_writable():
+    alloc = MmapAllocator()
+    mem = alloc.allocate([(0, 2 * MiB), (1 << 32, MiB)])
+    try:
+        assert [(r.gpa, r.size) for r in mem.regions] == [(0, 2 * MiB), (1 << 32, MiB)]
+        assert mem.read(0x1000, 16) == bytes(16)
+        mem.write((1 << 32) + 8, b"high")
+        assert mem.read((1 << 32) + 8, 4) == b"high"
+    finally:
+        alloc.free(mem)
+
+
+def test_backing_file_is_mapped_copy_on_write_in_layout_order(tmp_path):
+    path = tmp_path / "ram"
+    page = 4096
+    # Two regions listed high first: file offset 0 belongs to the high region.
+    path.write_bytes(b"H" * page + b"L" * 2 * page)
+    alloc = MmapAllocator()
+    mem = alloc.allocate([(1 << 32, page), (0, 2 * page)], backing_file=str(path))
+    try:
+        assert mem.read(1 << 32, 4) == b"HHHH"
+        assert mem.read(0, 4) == b"LLLL" and mem.read(page, 4) == b"LLLL"
+        mem.write(0, b"guest wrote this")
+        assert mem.read(0, 16) == b"guest wrote this"
+    finally:
+        alloc.free(mem)
+    assert path.read_bytes() == b"H" * page + b"L" * 2 * page  # the file never changes
+
+
+def test_backing_file_too_short_is_refused(tmp_path):
+    path = tmp_path / "ram"
+    path.write_bytes(bytes(4096))
+    with pytest.raises(HostResourceError, match="holds 4096 bytes"):
+        MmapAllocator().allocate([(0, 8192)], backing_file=str(path))
+
+
+def test_missing_backing_file_is_a_host_resource_error(tmp_path):
+    with pytest.raises(HostResourceError, match="No such file"):
+        MmapAllocator().allocate([(0, 4096)], backing_file=str(tmp_path / "nope"))
+
+
+@pytest.mark.parametrize("layout", [[(0, 4095)], [(1, 4096)], [(0, 0)], [(0, 8192), (4096, 4096)]])
+def test_bad_layouts_are_refused(layout):
+    with pytest.raises(InvalidArgumentError):
+        MmapAllocator().allocate(layout)
+
+
+def test_free_releases_views_and_refuses_a_second_free():
+    alloc = MmapAllocator()
+    mem = alloc.allocate([(0, MiB)])
+    view = mem.regions[0].view
+    alloc.free(mem)
+    with pytest.raises(ValueError):
+        view[0]  # released
+    assert mem.regions == ()
+    with pytest.raises(InvalidArgumentError):
+        alloc.free(mem)
+
+
+def test_free_while_a_vm_maps_the_memory_fails_then_succeeds_after_close():
+    alloc = MmapAllocator()
+    mem = alloc.allocate([(0, MiB)])
+    vm = FakeHypervisor().create_vm()
+    vm.set_memory_region(0, 0, mem.regions[0].view)
+    with pytest.raises(HostResourceError, match="close the VM"):
+        alloc.free(mem)
+    vm.close()
+    alloc.free(mem)
+
+
+def test_kvm_pins_memory_until_the_vm_is_closed():
+    if not os.path.exists("/dev/kvm"):
+        pytest.skip("/dev/kvm is missing")
+    from adapters.kvm.hypervisor import KvmHypervisor
+
+    hv = KvmHypervisor()
+    alloc = MmapAllocator()
+    mem = alloc.allocate([(0, MiB)])
+    vm = hv.create_vm()
+    vm.set_memory_region(0, 0, mem.regions[0].view)
+    with pytest.raises(HostResourceError):
+        alloc.free(mem)
+    vm.close()
+    alloc.free(mem)
+    hv.close()
+
+
+test_kvm_pins_memory_until_the_vm_is_closed = pytest.mark.kvm(test_kvm_pins_memory_until_the_vm_is_closed)
