@@ -163,10 +163,9 @@ _ZERO_PAGE = bytes(PAGE_SIZE)
 def nonzero_runs(view: memoryview, page_size: int = PAGE_SIZE) -> list[tuple[int, int]]:
     """(offset, length) of the runs of pages of ``view`` that are not all zero.
 
-    Measured on 256 MiB here: a memoryview == bytes comparison goes element by element
-    (1.3 s); copying a 256 KiB chunk out and comparing bytes is a memcmp (0.035 s all-zero,
-    0.04 s random data); inside a non-zero chunk, bytes.startswith(zero_page, off) compares
-    each page without another copy.
+    Measured on 256 MiB here: memoryview == bytes compares element by element (1.3 s), while
+    zero_bytes.startswith(view) is one memcmp without a copy (0.054 s all-zero, 0.005 s random).
+    So a 256 KiB chunk is tested at once, and only a non-zero chunk page by page.
     """
     view = view.cast("B") if view.format != "B" else view
     n = len(view)
@@ -174,14 +173,14 @@ def nonzero_runs(view: memoryview, page_size: int = PAGE_SIZE) -> list[tuple[int
     runs: list[tuple[int, int]] = []
     start = -1
     for c in range(0, n, _ZERO_CHUNK_SIZE):
-        chunk = view[c : c + _ZERO_CHUNK_SIZE].tobytes()
-        if len(chunk) == _ZERO_CHUNK_SIZE and chunk == _ZERO_CHUNK:
+        chunk = view[c : c + _ZERO_CHUNK_SIZE]
+        if _ZERO_CHUNK.startswith(chunk):  # a shorter tail compares only its own length
             if start >= 0:
                 runs.append((start, c - start))
                 start = -1
             continue
         for o in range(0, len(chunk), page_size):
-            if chunk.startswith(zpage, o) or (len(chunk) - o < page_size and not any(chunk[o:])):
+            if zpage.startswith(chunk[o : o + page_size]):
                 if start >= 0:
                     runs.append((start, c + o - start))
                     start = -1

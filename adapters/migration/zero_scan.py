@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 
 from domain.memory import PAGE_SIZE
 from domain.snapshot_format import nonzero_runs
 
-_PRESENT_OR_SWAPPED = (1 << 63) | (1 << 62)
 _ENTRY = 8
-_CHUNK_PAGES = 64
-_ZERO_ENTRIES = bytes(_CHUNK_PAGES * _ENTRY)
+_POPULATED = bytes(1 if b & 0xC0 else 0 for b in range(256))
 # Below this, one pagemap and maps lookup costs more than reading the pages.
 _MIN_VIEW = 2 << 20
 
@@ -68,7 +67,7 @@ class PagemapZeroScanner:
 
     def populated_runs(self, view: memoryview) -> list[tuple[int, int]] | None:
         """(offset, length) runs of pages the host populated, or None when unknown."""
-        if self._fd is None or len(view) < _MIN_VIEW:
+        if self._fd is None or len(view) < _MIN_VIEW or sys.byteorder != "little":
             return None
         addr = _address(view)
         if addr is None or addr % PAGE_SIZE or len(view) % PAGE_SIZE:
@@ -82,24 +81,20 @@ class PagemapZeroScanner:
             return None
         if len(table) != npages * _ENTRY:
             return None
-        entries = memoryview(table).cast("Q")  # native order: pagemap is native-endian
+        # Bits 63 (present) and 62 (swapped) live in the top byte of each little-endian entry:
+        # one flag byte per page, then runs found with bytes.find at C speed.
+        flags = table[7::_ENTRY].translate(_POPULATED)
         runs: list[tuple[int, int]] = []
-        start = -1
-        for c in range(0, npages, _CHUNK_PAGES):
-            if table.startswith(_ZERO_ENTRIES, c * _ENTRY) and c + _CHUNK_PAGES <= npages:
-                if start >= 0:
-                    runs.append((start * PAGE_SIZE, (c - start) * PAGE_SIZE))
-                    start = -1
-                continue
-            for p in range(c, min(c + _CHUNK_PAGES, npages)):
-                if entries[p] & _PRESENT_OR_SWAPPED:
-                    if start < 0:
-                        start = p
-                elif start >= 0:
-                    runs.append((start * PAGE_SIZE, (p - start) * PAGE_SIZE))
-                    start = -1
-        if start >= 0:
-            runs.append((start * PAGE_SIZE, (npages - start) * PAGE_SIZE))
+        pos = 0
+        while True:
+            start = flags.find(b"\x01", pos)
+            if start < 0:
+                break
+            stop = flags.find(b"\x00", start)
+            if stop < 0:
+                stop = npages
+            runs.append((start * PAGE_SIZE, (stop - start) * PAGE_SIZE))
+            pos = stop
         return runs
 
     def __call__(self, view: memoryview) -> list[tuple[int, int]]:
