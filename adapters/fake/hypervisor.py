@@ -366,6 +366,11 @@ class FakeVcpu:
         self._exit_buf = bytearray(8)
         self._exit_view = memoryview(self._exit_buf)
         self._slices = {n: self._exit_view[:n] for n in (1, 2, 4, 8)}
+        # One exit object per kind, refilled on every exit, as the KVM adapter does: an exit is
+        # valid until the next run(), and a caller keeping one longer breaks here too.
+        self._exits = {x86.EV_OUT: ve.IoOut(0, self._exit_view[:0]), x86.EV_IN: ve.IoIn(0, self._exit_view[:0]),
+                       x86.EV_MMIO_W: ve.MmioWrite(0, self._exit_view[:0]),
+                       x86.EV_MMIO_R: ve.MmioRead(0, self._exit_view[:0])}
         self._pending: tuple[str, int, int, bool] | None = None  # (kind, reg, size, high)
         self._halted = False
         self._kicked = False
@@ -394,15 +399,19 @@ class FakeVcpu:
             if ev is None:
                 continue
             kind = ev[0]
-            if kind == x86.EV_OUT or kind == x86.EV_MMIO_W:
-                data = self._slices[ev[2]]
-                data[:] = ev[3].to_bytes(ev[2], "little")
-                return ve.IoOut(ev[1], data) if kind == x86.EV_OUT else ve.MmioWrite(ev[1], data)
-            if kind == x86.EV_IN or kind == x86.EV_MMIO_R:
-                reg, size, high = ev[3]
-                self._pending = (kind, reg, size, high)
-                data = self._slices[ev[2]]
-                return ve.IoIn(ev[1], data) if kind == x86.EV_IN else ve.MmioRead(ev[1], data)
+            exit_ = self._exits.get(kind)
+            if exit_ is not None:
+                data = exit_.data = self._slices[ev[2]]
+                if kind == x86.EV_OUT or kind == x86.EV_MMIO_W:
+                    data[:] = ev[3].to_bytes(ev[2], "little")
+                else:
+                    reg, size, high = ev[3]
+                    self._pending = (kind, reg, size, high)
+                if kind == x86.EV_OUT or kind == x86.EV_IN:
+                    exit_.port = ev[1]
+                else:
+                    exit_.addr = ev[1]
+                return exit_
             if kind == x86.EV_HLT:
                 if not self._vm.has_irqchip:
                     return ve.HLT

@@ -1,8 +1,11 @@
 """KvmVcpu: KVM_RUN over the mmapped kvm_run area, kicks, CPU setup and state.
 
-run() is the hot path. Everything it needs is bound once: the C entry point, the exit decoders
-(struct.Struct over offsets the compiler computed) and the memoryview slices handed out as exit
-data, which are cached by (offset, length) because KVM keeps using the same few.
+run() is the hot path (measured here: ~3 us of Python per exit before tuning, ~1.3 us after,
+against ~25 us for the exit itself on this nested host). Everything it needs is bound once: the
+C entry point, the exit decoders (struct.Struct over offsets the compiler computed), the
+memoryview slices handed out as exit data, and one exit object per kind, refilled on every exit:
+an I/O or MMIO exit object and its data are valid until the next run() of the same vCPU, which
+is all the kvm_run protocol allows anyway (the data lives in kvm_run).
 """
 
 from __future__ import annotations
@@ -42,7 +45,9 @@ def _fields(*names: str) -> tuple[int, struct.Struct]:
 
 _IO_OFF, _IO = _fields("IO_DIRECTION", "IO_SIZE", "IO_PORT", "IO_COUNT", "IO_DATA_OFFSET")
 _MMIO_OFF, _MMIO = _fields("MMIO_PHYS_ADDR", "MMIO_LEN", "MMIO_IS_WRITE")
-_EXIT_OFF, _EXIT = _fields("EXIT_REASON")
+assert lib.PX_SZ_EXIT_REASON == 4 and lib.PX_RUN_EXIT_REASON % 4 == 0
+_EXIT_INDEX = lib.PX_RUN_EXIT_REASON // 4  # exit_reason as an element of the run area cast to u32
+_MMIO_MAX = lib.PX_SZ_MMIO_DATA
 _FAIL_OFF, _FAIL = _fields("FAIL_ENTRY_REASON")
 _INTERNAL_OFF, _INTERNAL = _fields("INTERNAL_SUBERROR")
 _SYSEV_OFF, _SYSEV = _fields("SYSTEM_EVENT_TYPE")
@@ -87,7 +92,15 @@ class KvmVcpu:
         self._run_map = mmap.mmap(fd, self._hv.vcpu_mmap_size, mmap.MAP_SHARED,
                                   mmap.PROT_READ | mmap.PROT_WRITE)
         self._view = memoryview(self._run_map)
+        self._u32 = self._view.cast("I")
         self._slices: dict[tuple[int, int], memoryview] = {}
+        # KVM puts PIO data at one fixed offset: views by length for it, found on first exit.
+        self._pio_offset = -1
+        self._pio_data: dict[int, memoryview] = {}
+        self._mmio_data = [self._view[_MMIO_DATA : _MMIO_DATA + n] for n in range(_MMIO_MAX + 1)]
+        empty = self._mmio_data[0]
+        self._io_in, self._io_out = _IoIn(0, empty), _IoOut(0, empty)
+        self._mmio_read, self._mmio_write = _MmioRead(0, empty), _MmioWrite(0, empty)
         self._thread: threading.Thread | None = None
         self._ident: int | None = None
         self._native_id: int | None = None
@@ -98,33 +111,51 @@ class KvmVcpu:
     # --- the hot path ------------------------------------------------------------------------------
 
     def run(self) -> ve.VcpuExit:
-        ident = threading.get_ident()
-        if ident != self._ident:
-            self._thread = threading.current_thread()
-            self._native_id = threading.get_native_id()
-            self._ident = ident
+        if _get_ident() != self._ident:
+            self._note_thread()
         rc = _px_run(self._fd)
         if rc < 0:
             if rc == _NEG_EINTR:
                 return _INTERRUPTED
             raise KvmIoctlError("KVM_RUN", -rc, f"vcpu {self.index}")
-        run = self._run_map
-        reason = _EXIT_unpack(run, _EXIT_OFF)[0]
+        reason = self._u32[_EXIT_INDEX]
         if reason == _EXIT_IO:
-            direction, size, port, count, offset = _IO_unpack(run, _IO_OFF)
-            data = self._slices.get((offset, size * count)) or self._slice(offset, size * count)
-            return _IoOut(port, data) if direction == _IO_OUT else _IoIn(port, data)
+            direction, size, port, count, offset = _IO_unpack(self._run_map, _IO_OFF)
+            n = size * count
+            data = self._pio_data.get(n) if offset == self._pio_offset else None
+            if data is None:
+                data = self._io_slice(offset, n)
+            exit_ = self._io_out if direction == _IO_OUT else self._io_in
+            exit_.port = port
+            exit_.data = data
+            return exit_
         if reason == _EXIT_MMIO:
-            addr, length, is_write = _MMIO_unpack(run, _MMIO_OFF)
-            data = self._slices.get((_MMIO_DATA, length)) or self._slice(_MMIO_DATA, length)
-            return _MmioWrite(addr, data) if is_write else _MmioRead(addr, data)
+            addr, length, is_write = _MMIO_unpack(self._run_map, _MMIO_OFF)
+            exit_ = self._mmio_write if is_write else self._mmio_read
+            exit_.addr = addr
+            exit_.data = self._mmio_data[length] if length <= _MMIO_MAX else self._bad_mmio(length)
+            return exit_
         return self._slow_exit(reason)
 
-    def _slice(self, offset: int, length: int) -> memoryview:
-        if offset + length > len(self._view):
-            raise HypervisorError(f"vcpu {self.index}: exit data outside the run area")
-        view = self._slices[(offset, length)] = self._view[offset : offset + length]
+    def _note_thread(self) -> None:
+        self._thread = threading.current_thread()
+        self._native_id = threading.get_native_id()
+        self._ident = threading.get_ident()
+
+    def _io_slice(self, offset: int, length: int) -> memoryview:
+        if self._pio_offset < 0:
+            self._pio_offset = offset
+        view = self._slices.get((offset, length))
+        if view is None:
+            if offset + length > len(self._view):
+                raise HypervisorError(f"vcpu {self.index}: exit data outside the run area")
+            view = self._slices[(offset, length)] = self._view[offset : offset + length]
+        if offset == self._pio_offset:
+            self._pio_data[length] = view
         return view
+
+    def _bad_mmio(self, length: int):
+        raise HypervisorError(f"vcpu {self.index}: MMIO exit of {length} bytes")
 
     def _slow_exit(self, reason: int) -> ve.VcpuExit:
         run = self._run_map
@@ -339,9 +370,12 @@ class KvmVcpu:
     def close(self) -> None:
         if self._fd < 0:
             return
-        for view in self._slices.values():
+        for exit_ in (self._io_in, self._io_out, self._mmio_read, self._mmio_write):
+            exit_.data = None
+        for view in [*self._slices.values(), *self._mmio_data, self._u32]:
             view.release()
         self._slices.clear()
+        self._pio_data.clear()
         self._view.release()
         try:
             self._run_map.close()
@@ -367,6 +401,6 @@ _EXIT_IO = lib.KVM_EXIT_IO
 _EXIT_MMIO = lib.KVM_EXIT_MMIO
 _IO_OUT = lib.KVM_EXIT_IO_OUT
 _IoIn, _IoOut, _MmioRead, _MmioWrite = ve.IoIn, ve.IoOut, ve.MmioRead, ve.MmioWrite
-_EXIT_unpack = _EXIT.unpack_from
+_get_ident = threading.get_ident
 _IO_unpack = _IO.unpack_from
 _MMIO_unpack = _MMIO.unpack_from
