@@ -1175,3 +1175,68 @@ def test_facade_drives_snapshot_migration_and_incoming(tmp_path, log):
     assert g.query() == {"status": "completed"} and dst.run_state is RunState.RUNNING
     assert memory_digest(dst.memory) == memory_digest(src.memory)
     assert f.cancel() == {}  # nothing to cancel any more
+
+
+def test_progress_is_logged_during_transfers(tmp_path, log):
+    src = InTestVm()
+    fill(src, 0.5)
+    dst = InTestVm(state=RunState.PRELAUNCH)
+    d = Destination(dst, f"unix:{tmp_path}/m.sock", log)
+    svc, _ = source_service(src, log, progress_interval=0.0, batch_bytes=256 << 10)
+    svc.migrate(d.address)
+    finish(svc)
+    assert d.join()
+    progress = [line for line in log.lines if line.startswith("migration: round")]
+    assert len(progress) >= 8 and "MiB sent" in progress[-1] and "Mbps" in progress[-1]
+
+
+class FailingStateVm(InTestVm):
+    def collect_state(self):
+        from domain.errors import HypervisorError
+        raise HypervisorError("KVM_GET_LAPIC failed: Input/output error")
+
+
+def test_failure_after_the_pause_resumes_the_source(tmp_path, log):
+    src = FailingStateVm()
+    fill(src, 0.1)
+    dst = InTestVm(state=RunState.PRELAUNCH)
+    d = Destination(dst, f"unix:{tmp_path}/m.sock", log)
+    svc, state = source_service(src, log)
+    svc.migrate(d.address)
+    finish(svc)
+    assert state.status is MigrationStatus.FAILED and "KVM_GET_LAPIC" in state.error
+    assert_source_intact(src)
+    assert d.join() is False and dst.exit_code == 1
+    assert "KVM_GET_LAPIC" in d.state.error  # the source told the destination why
+
+
+class BadDirtyLogVm(InTestVm):
+    def dirty_pages(self):
+        super().dirty_pages()
+        return [1 << 40]
+
+
+def test_a_dirty_page_outside_guest_ram_fails_the_migration(tmp_path, log):
+    src = BadDirtyLogVm()
+    dst = InTestVm(state=RunState.PRELAUNCH)
+    d = Destination(dst, f"unix:{tmp_path}/m.sock", log)
+    svc, state = source_service(src, log, downtime_limit=0.0, max_rounds=2)
+    svc.migrate(d.address)
+    finish(svc)
+    assert state.status is MigrationStatus.FAILED and "outside guest RAM" in state.error
+    assert_source_intact(src)
+    assert d.join() is False
+
+
+def test_destination_refuses_state_that_does_not_fit(tmp_path, log):
+    src = InTestVm()
+    dst = InTestVm(state=RunState.PRELAUNCH)
+    dst.devstate["vcpu.2"] = (2, b"")  # the destination expects a record the source lacks
+    d = Destination(dst, f"unix:{tmp_path}/m.sock", log)
+    svc, state = source_service(src, log)
+    svc.migrate(d.address)
+    finish(svc)
+    assert state.status is MigrationStatus.FAILED
+    assert state.error.startswith("destination could not load the migration: cannot apply the VM state")
+    assert_source_intact(src)
+    assert d.join() is False and dst.exit_code == 1 and dst.run_state is RunState.INMIGRATE
