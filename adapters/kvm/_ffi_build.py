@@ -315,6 +315,8 @@ if __name__ == "__main__":
     here = pathlib.Path(__file__).resolve().parent
     with tempfile.TemporaryDirectory() as tmp:
         built = ffibuilder.compile(tmpdir=tmp, verbose=False)
-        for stale in here.glob("_kvm_cffi*.so"):  # e.g. the .abi3.so of an earlier pip build
+        for stale in here.glob("_kvm_cffi*.so"):
             stale.unlink()
-        shutil.copy2(built, here / pathlib.Path(built).name)
+        # The name pip's build uses (cffi builds for the stable ABI): a second, differently
+        # named copy would shadow whichever of the two is rebuilt later.
+        shutil.copy2(built, here / "_kvm_cffi.abi3.so")

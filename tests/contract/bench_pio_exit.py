@@ -3,8 +3,9 @@
     .venv/bin/python -m tests.contract.bench_pio_exit [count] [runs]
 
 Prints per-iteration costs (min and median over runs): a PIO exit handled in Python
-(KVM_RUN -> IoOut -> run again), the same `out` swallowed by an ioeventfd (no exit to Python),
-and an empty Python loop of the same count. Not a test: numbers depend on the host.
+(KVM_RUN -> IoOut -> run again), the bare KVM_RUN call in a loop without decoding the exit (what
+the exit itself costs), the same `out` swallowed by an ioeventfd (no exit to Python), and an
+empty Python loop of the same count. Not a test: numbers depend on the host.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 import time
 
 from adapters.host.memory import MmapAllocator
+from adapters.kvm._lib import lib
 from adapters.kvm.hypervisor import KvmHypervisor
 from domain.vcpu_exit import IoOut
 from tests.contract import asm
@@ -29,7 +31,7 @@ def _program(count: int) -> bytes:
     return asm.mov_r32(ECX, count) + body + asm.jnz(-(len(body) + 2)) + asm.HLT
 
 
-def _guest_loop(hv, count: int, ioeventfd: bool) -> float:
+def _guest_loop(hv, count: int, ioeventfd: bool, bare: bool = False) -> float:
     alloc = MmapAllocator()
     mem = alloc.allocate([(0, 2 << 20)])
     vm = hv.create_vm()
@@ -41,6 +43,14 @@ def _guest_loop(hv, count: int, ioeventfd: bool) -> float:
         vcpu = vm.create_vcpu(0)
         mem.write(0x4000, _program(count))
         enter(vcpu, mem, "long", 0x4000)
+        if bare:
+            px_run, fd = lib.px_run, vcpu._fd
+            t0 = time.perf_counter()
+            for _ in range(count):
+                px_run(fd)
+            elapsed = time.perf_counter() - t0
+            assert type(vcpu.run()) is not IoOut  # all `out`s were executed: at the hlt
+            return elapsed / count
         run = vcpu.run
         exits = 0
         t0 = time.perf_counter()
@@ -69,6 +79,7 @@ def main(argv: list[str]) -> None:
     hv = KvmHypervisor()
     rows = {
         "PIO exit to Python": [_guest_loop(hv, count, False) for _ in range(runs)],
+        "bare KVM_RUN per PIO exit": [_guest_loop(hv, count, False, bare=True) for _ in range(runs)],
         "PIO to ioeventfd (no exit)": [_guest_loop(hv, count, True) for _ in range(runs)],
         "empty Python loop": [_python_loop(count) for _ in range(runs)],
     }

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 
-from domain.cpu_state import Regs
+from domain.cpu_state import Regs, VcpuSetup
 from domain.errors import SnapshotFormatError
 from domain.vcpu_exit import Hlt, Interrupted, IoOut
 from tests.contract import asm
@@ -134,3 +134,14 @@ def test_halted_vcpu_state_survives(hypervisor):
     finally:
         src.close()
         dst.close()
+
+
+def test_state_is_plain_data_the_snapshot_codec_carries(machine_irqchip):
+    from domain.state_codec import decode_state, encode_state
+
+    m = machine_irqchip
+    m.vcpu.setup(VcpuSetup(index=0, apic_id=0, nr_vcpus=1))
+    for obj in (m.vm, m.vcpu):
+        state = obj.save_state()
+        obj.restore_state(decode_state(encode_state(state)))
+        assert obj.save_state().keys() == state.keys()
