@@ -236,10 +236,11 @@ def parse_migration_uri(uri: str) -> MigrationUri:
     if scheme in ("file", "unix"):
         return MigrationUri(scheme, path=rest)
     if scheme == "tcp":
+        # An empty host ("tcp::4446", as QEMU allows for -incoming) listens on every address.
         host, sep, port_s = rest.rpartition(":")
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
-        if not sep or not host or not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+        if not sep or not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
             raise InvalidArgumentError(f"invalid migration URI '{uri}': expected tcp:HOST:PORT")
         return MigrationUri("tcp", host=host, port=int(port_s))
     raise InvalidArgumentError(f"invalid migration URI '{uri}': unsupported scheme '{scheme}'")

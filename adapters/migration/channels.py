@@ -103,7 +103,7 @@ class SocketListener:
 class SocketChannelFactory:
     def connect(self, uri: MigrationUri, timeout: float) -> SocketChannel:
         if uri.scheme == "tcp":
-            sock = socket.create_connection((uri.host, uri.port), timeout=timeout)
+            sock = socket.create_connection((uri.host or "localhost", uri.port), timeout=timeout)
         elif uri.scheme == "unix":
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -119,7 +119,7 @@ class SocketChannelFactory:
 
     def listen(self, uri: MigrationUri) -> SocketListener:
         if uri.scheme == "tcp":
-            infos = socket.getaddrinfo(uri.host, uri.port, type=socket.SOCK_STREAM,
+            infos = socket.getaddrinfo(uri.host or None, uri.port, type=socket.SOCK_STREAM,
                                        flags=socket.AI_PASSIVE)
             family, _, _, _, addr = infos[0]
             sock = socket.socket(family, socket.SOCK_STREAM)

@@ -1240,3 +1240,10 @@ def test_destination_refuses_state_that_does_not_fit(tmp_path, log):
     assert state.error.startswith("destination could not load the migration: cannot apply the VM state")
     assert_source_intact(src)
     assert d.join() is False and dst.exit_code == 1 and dst.run_state is RunState.INMIGRATE
+
+
+def test_incoming_on_every_address(log):
+    svc, _ = source_service(InTestVm(state=RunState.PRELAUNCH), log)
+    address = svc.listen_incoming("tcp::0")
+    assert address.startswith("tcp:0.0.0.0:") or address.startswith("tcp:[::]:")
+    svc.shutdown()

@@ -204,13 +204,14 @@ def test_fingerprint_from_any_json_value_raises_only_format_errors(value):
     ("tcp:192.168.0.1:4446", MigrationUri("tcp", host="192.168.0.1", port=4446)),
     ("tcp:[::1]:4446", MigrationUri("tcp", host="::1", port=4446)),
     ("tcp:localhost:0", MigrationUri("tcp", host="localhost", port=0)),
+    ("tcp::4446", MigrationUri("tcp", host="", port=4446)),
 ])
 def test_uri_parsing(uri, parsed):
     assert parse_migration_uri(uri) == parsed
     assert str(parsed) == uri
 
 
-@pytest.mark.parametrize("uri", ["", "file:", "tcp:host", "tcp::80", "tcp:h:99999", "tcp:h:x",
+@pytest.mark.parametrize("uri", ["", "file:", "tcp:host", "tcp:h:", "tcp:h:99999", "tcp:h:x",
                                  "exec:cat", "/path", "rdma:h:1"])
 def test_bad_uris(uri):
     with pytest.raises(InvalidArgumentError):
