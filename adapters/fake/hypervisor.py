@@ -196,26 +196,37 @@ class FakeVm:
 
     # the interpreter's bus (x86.Bus) -----------------------------------------------------------
 
+    # A slot removed (view released) under a running vCPU reads as unmapped: ValueError.
+
     def fetch(self, addr: int, length: int) -> bytes:
         s = self._slot_at(addr, 1)
         if s is None:
             return b""
         off = addr - s.gpa
-        return bytes(s.view[off : min(off + length, s.size)])
+        try:
+            return bytes(s.view[off : min(off + length, s.size)])
+        except ValueError:
+            return b""
 
     def read(self, addr: int, size: int) -> int | None:
         s = self._slot_at(addr, size)
         if s is None:
             return None
         off = addr - s.gpa
-        return int.from_bytes(s.view[off : off + size], "little")
+        try:
+            return int.from_bytes(s.view[off : off + size], "little")
+        except ValueError:
+            return None
 
     def write(self, addr: int, size: int, value: int) -> bool:
         s = self._slot_at(addr, size)
         if s is None or s.readonly:
             return False  # an MMIO write, as KVM turns writes to read-only slots into
         off = addr - s.gpa
-        s.view[off : off + size] = value.to_bytes(size, "little")
+        try:
+            s.view[off : off + size] = value.to_bytes(size, "little")
+        except ValueError:
+            return False
         self._mark(s, addr, size)
         return True
 
@@ -344,10 +355,10 @@ class FakeVm:
         with self._lock:
             for vcpu in self._vcpus.values():
                 vcpu.kick()
+            self._by_gpa = ()
             for s in self._slots.values():
                 s.view.release()
             self._slots.clear()
-            self._by_gpa = ()
             self.closed = True
 
 

@@ -117,3 +117,18 @@ def test_supported_cpuid_and_msr_list(kvm):
     leaves = {e[0] for e in kvm.supported_cpuid()}
     assert {0, 1, 0x40000000} <= leaves
     assert 0x10 in kvm.msr_index_list()  # IA32_TSC
+
+
+def test_a_missing_capability_is_named(kvm, monkeypatch):
+    from adapters.kvm._lib import lib
+    from adapters.kvm.hypervisor import KvmHypervisor
+    from domain.errors import MissingCapabilityError
+
+    real = KvmHypervisor.check_extension
+    monkeypatch.setattr(KvmHypervisor, "check_extension",
+                        lambda self, cap: 0 if cap == lib.KVM_CAP_IOEVENTFD else real(self, cap))
+    fds_before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(MissingCapabilityError, match="KVM_CAP_IOEVENTFD") as info:
+        KvmHypervisor()
+    assert info.value.qmp_class == "KVMMissingCap"
+    assert len(os.listdir("/proc/self/fd")) == fds_before  # /dev/kvm was closed again
