@@ -66,7 +66,8 @@ UNSUPPORTED_OPTIONS = frozenset({
 })
 
 _CPU_FEATURE = re.compile(r"[a-z0-9][a-z0-9_.-]*")
-_IPV4 = re.compile(r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}")
+_OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"  # no leading zeros, like Rust's Ipv4Addr
+_IPV4 = re.compile(rf"{_OCTET}(\.{_OCTET}){{3}}")
 _SERIAL_CHARDEV = "serial_chardev"  # StratoVirt's name for the chardev -serial makes itself
 _PAGE = 4096
 
@@ -75,16 +76,13 @@ def parse_cmdline(argv: list[str]) -> VmConfig:
     """Parse argv (without the program name) and cross-check it; raise ConfigError."""
     opts = _collect(argv)
     first = {name: values[0] for name, values in opts.items() if values}
-    machine = _machine(first.get("-machine"), first.get("-accel"))
-    memory = _memory(first.get("-m"), first.get("-mem-path"), "-mem-prealloc" in opts, machine)
+    machine, dump, share = _machine(first.get("-machine"), first.get("-accel"), first.get("-cpu"))
+    memory = _memory(first.get("-m"), first.get("-mem-path"), "-mem-prealloc" in opts, dump, share)
     drives_and_serials = [parse_drive(v) for v in opts.get("-drive", [])]
     chardevs = [parse_chardev(v) for v in opts.get("-chardev", [])]
     serial, implicit = _serial(first.get("-serial"))
-    if "-cpu" in first:
-        hidden = _cpu(first["-cpu"])
-        machine = (dataclasses.replace(machine[0], hidden_cpu_features=hidden),) + machine[1:]
     cfg = VmConfig(
-        machine=machine[0],
+        machine=machine,
         smp=_smp(first["-smp"]) if "-smp" in first else CpuTopology(),
         memory=memory,
         kernel=_path("-kernel", first.get("-kernel")),
@@ -92,7 +90,7 @@ def parse_cmdline(argv: list[str]) -> VmConfig:
         append=" ".join(opts.get("-append", [])),
         drives=tuple(d for d, _ in drives_and_serials),
         netdevs=tuple(parse_netdev(v) for v in opts.get("-netdev", [])),
-        devices=tuple(parse_device(v, machine[0].type) for v in opts.get("-device", [])),
+        devices=tuple(parse_device(v, machine.type) for v in opts.get("-device", [])),
         chardevs=tuple(chardevs + implicit),
         serial=serial,
         qmp=tuple(_qmp(v) for v in opts.get("-qmp", [])),
@@ -119,8 +117,9 @@ def _collect(argv: list[str]) -> dict[str, list[str]]:
             if last == "-append":  # StratoVirt gathers every bare word after -append
                 opts[last].append(arg)
                 continue
-            where = f"after {last} " if last else ""
-            raise ConfigError(last or "", f"unexpected argument {quote(arg)} {where}"
+            if last is None:
+                raise ConfigError(quote(arg)[1:-1], "unexpected argument: options start with '-'")
+            raise ConfigError(last, f"unexpected argument {quote(arg)} after {last} "
                               "(quote values that contain spaces)")
         kind = OPTIONS.get(arg)
         if kind is None:
@@ -128,7 +127,8 @@ def _collect(argv: list[str]) -> dict[str, list[str]]:
                 raise ConfigError(arg, "not supported by pystrato yet")
             if arg.startswith("--") and arg[1:] in OPTIONS:
                 raise ConfigError(arg, f"unknown option (StratoVirt spells it {arg[1:]})")
-            raise ConfigError(arg, "unknown option")
+            # The name is user text: escape it so the error stays one line.
+            raise ConfigError(quote(arg)[1:-1], "unknown option")
         if arg in opts and kind != REPEATED:
             raise ConfigError(arg, "given more than once")
         values = opts.setdefault(arg, [])
@@ -144,8 +144,13 @@ def _collect(argv: list[str]) -> dict[str, list[str]]:
     return opts
 
 
-def _machine(text: str | None, accel_text: str | None) -> tuple[MachineConfig, bool, bool]:
-    """-machine [type=]microvm|q35[,dump-guest-core=][,mem-share=][,accel=][,usb=off] and -accel."""
+def _machine(
+    text: str | None, accel_text: str | None, cpu_text: str | None
+) -> tuple[MachineConfig, bool, bool]:
+    """-machine [type=]microvm|q35[,dump-guest-core=][,mem-share=][,accel=][,usb=off], -accel, -cpu.
+
+    Returns the machine and the two memory switches -machine carries (dump-guest-core, mem-share).
+    """
     opt = "-machine"
     kind, accel, dump, share = MICROVM, None, True, False
     if text is not None:
@@ -177,7 +182,8 @@ def _machine(text: str | None, accel_text: str | None) -> tuple[MachineConfig, b
         if accel is not None and accel != chosen:
             raise ConfigError("-accel", f"{chosen} contradicts -machine accel={accel}")
         accel = chosen
-    return MachineConfig(type=kind, accel=accel), dump, share
+    hidden = () if cpu_text is None else _cpu(cpu_text)
+    return MachineConfig(type=kind, accel=accel, hidden_cpu_features=hidden), dump, share
 
 
 def _accel_name(option: str, value: str) -> str:
@@ -229,12 +235,12 @@ def _smp(text: str) -> CpuTopology:
         raise ConfigError(opt, "needs a vCPU count ([cpus=]N)")
     cpus = parse_decimal(opt, "cpus", cpus_text, MIN_VCPUS, MAX_VCPUS)
 
-    def get(key: str, lo: int) -> int:
+    def get(key: str, lo: int) -> int:  # absent: lo, i.e. 0 ("derive") or 1 for dies/clusters
         value = params.take(key)
-        return (0 if lo == 0 else 1) if value is None else parse_decimal(opt, key, value, lo, MAX_VCPUS)
+        return lo if value is None else parse_decimal(opt, key, value, lo, MAX_VCPUS)
 
-    maxcpus, sockets, dies, clusters = get("maxcpus", 0), get("sockets", 0), get("dies", 1), get("clusters", 1)
-    cores, threads = get("cores", 0), get("threads", 0)
+    maxcpus, sockets, dies = get("maxcpus", 0), get("sockets", 0), get("dies", 1)
+    clusters, cores, threads = get("clusters", 1), get("cores", 0), get("threads", 0)
     params.finish()
     if maxcpus == 0:
         maxcpus = sockets * dies * clusters * cores * threads or cpus
@@ -256,7 +262,7 @@ def _smp(text: str) -> CpuTopology:
     return CpuTopology(cpus, maxcpus, sockets, dies, clusters, cores, threads)
 
 
-def _memory(text: str | None, mem_path: str | None, prealloc: bool, machine) -> MemoryConfig:
+def _memory(text: str | None, mem_path: str | None, prealloc: bool, dump: bool, share: bool) -> MemoryConfig:
     """-m [size=]N[K|M|G] (bare N is MiB), -mem-path, -mem-prealloc."""
     opt = "-m"
     size = MemoryConfig().size
@@ -277,7 +283,6 @@ def _memory(text: str | None, mem_path: str | None, prealloc: bool, machine) -> 
         raise ConfigError(opt, f"memory size {size} bytes is not a multiple of 4 KiB "
                           "(KVM maps guest RAM in pages)")
     path = None if mem_path is None else parse_path("-mem-path", "path", mem_path)
-    _, dump, share = machine
     return MemoryConfig(size=size, mem_path=path, mem_share=share, prealloc=prealloc,
                         dump_guest_core=dump)
 
