@@ -62,6 +62,24 @@ def _poller():
     return EpollPoller()
 
 
+def _zero_scanner():
+    from adapters.migration.zero_scan import PagemapZeroScanner
+
+    return PagemapZeroScanner()
+
+
+def _snapshot_store(zero_scanner):
+    from adapters.storage.snapshot_store import FileSnapshotStore
+
+    return FileSnapshotStore(zero_scanner)
+
+
+def _migration_channels():
+    from adapters.migration.channels import SocketChannelFactory
+
+    return SocketChannelFactory()
+
+
 def host_probe():
     from adapters.host.probe import HostProbe
 
@@ -85,6 +103,9 @@ class Container(containers.DeclarativeContainer):
     net_opener = providers.Singleton(_net_opener)
     probe = providers.Singleton(host_probe)
     poller = providers.Singleton(_poller)
+    zero_scanner = providers.Singleton(_zero_scanner)
+    snapshot_store = providers.Singleton(_snapshot_store, zero_scanner)
+    migration_channels = providers.Singleton(_migration_channels)
 
 
 def choose_accel(config: VmConfig) -> str:
@@ -138,7 +159,8 @@ class Runtime:
         if cfg.incoming and cfg.incoming.startswith("file:"):
             from application.services.snapshot import load_snapshot
 
-            records, memory_file = load_snapshot(cfg.incoming[5:], cfg, c.hypervisor().kind)
+            records, memory_file = load_snapshot(cfg.incoming[5:], cfg, c.hypervisor().kind,
+                                                 c.snapshot_store())
         console = _console_writer(cfg)
         devices = DeviceManager(
             cfg, block_opener=c.block_opener(), net_opener=c.net_opener(), probe=c.probe(),
@@ -150,12 +172,10 @@ class Runtime:
                                  request_exit=self._request_exit, memory_file=memory_file)
         try:
             self.vm.build()
-            if records is not None:
-                self.vm.apply_state(records)
         except BaseException:
             self._release_quietly()
             raise
-        self._restored = records is not None
+        self._records = records
 
     async def _start_qmp(self) -> None:
         from adapters.qmp.commands import standard_table
@@ -179,19 +199,20 @@ class Runtime:
             self.servers.append(srv)
 
     def _migration_service(self):
-        try:
-            from application.services.migration_facade import MigrationFacade
-        except ImportError:
-            return None
-        return MigrationFacade.create(self.vm, self.config)
+        from application.services.migration import MigrationFacade
+
+        c = self.container
+        return MigrationFacade(self.vm, store=c.snapshot_store(), channels=c.migration_channels(),
+                               zero_scanner=c.zero_scanner(), log=logging.getLogger("pystrato.migration"))
 
     def _start_vm(self) -> None:
         cfg = self.config
         if cfg.incoming and not cfg.incoming.startswith("file:"):
-            self.vm.start(RunState.INMIGRATE)
+            self.vm.start(None)  # vCPUs parked until the migration completes
             self.migration.incoming(cfg.incoming)
-        elif getattr(self, "_restored", False):
-            self.vm.start(RunState.RUNNING)
+        elif self._records is not None:
+            self.vm.start(None)
+            self.migration.snapshots.restore(self._records, start=True)
         else:
             self.vm.start(RunState.RUNNING)
         if cfg.serial.backend == "stdio":
@@ -209,6 +230,8 @@ class Runtime:
         self._release_quietly()
 
     async def finish(self) -> None:
+        if self.migration is not None:
+            self.migration.shutdown()
         # Let queued events (SHUTDOWN) reach the clients before the sockets close.
         await asyncio.sleep(0)
         for s in self.servers:

@@ -117,6 +117,7 @@ class Platform:
     def load_guest(self, vcpus: list, nr_vcpus: int) -> None:
         cfg = self.config
         if not cfg.kernel:
+            self._load_idle_guest(vcpus)
             return
         kernel = self.dm.read_file(cfg.kernel)
         initrd = self.dm.read_file(cfg.initrd) if cfg.initrd else None
@@ -125,6 +126,21 @@ class Platform:
         bsp = vcpus[0]
         bsp.set_sregs(sregs)
         bsp.set_regs(regs)
+
+    IDLE_LOOP_GPA = 0x1000
+    IDLE_LOOP = bytes((0xF4, 0xEB, 0xFD))  # 1: hlt; jmp 1b
+
+    def _load_idle_guest(self, vcpus: list) -> None:
+        """No kernel (only allowed with -accel test): every vCPU idles in `hlt; jmp` in real mode,
+        so the guest is quiet and still a real running guest to pause, snapshot or migrate."""
+        self.memory.write(self.IDLE_LOOP_GPA, self.IDLE_LOOP)
+        for vcpu in vcpus:
+            sregs = vcpu.get_sregs()
+            sregs.cs.base, sregs.cs.selector = 0, 0
+            vcpu.set_sregs(sregs)
+            regs = vcpu.get_regs()
+            regs.rip, regs.rflags = self.IDLE_LOOP_GPA, 0x2
+            vcpu.set_regs(regs)
 
     # --- virtio devices ---------------------------------------------------------------------------
 

@@ -78,11 +78,14 @@ class VirtualMachine:
         if self._memory_file is None and cfg.incoming is None:
             self.devices.load_guest(self.memory, [r.vcpu for r in self.runners], len(online))
 
-    def start(self, initial: RunState = RunState.RUNNING) -> None:
-        """Start vCPU threads; they run only when the state is running."""
+    def start(self, initial: RunState | None = RunState.RUNNING) -> None:
+        """Start vCPU threads, parked; they run once the state is running. ``None`` leaves the
+        state to the caller (incoming migration, snapshot restore)."""
         for r in self.runners:
             r.start()
         self.devices.start()
+        if initial is None:
+            return
         self.lifecycle.transition(initial)
         if initial is RunState.RUNNING:
             for r in self.runners:
