@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 MAX_CLIENT_BACKLOG = 4 << 20  # > the largest reply (a 1 MiB request can echo a 1 MiB id)
 DRAIN_TIMEOUT = 5.0  # seconds close() waits for clients to take their last replies
+LISTEN_BACKLOG = 16
+ACCEPT_RETRY = 0.1  # seconds before accepting again after accept() failed (EMFILE)
 
 
 class _Connection(asyncio.Protocol):
@@ -161,9 +163,11 @@ class QmpServer:
         self.drain_timeout = drain_timeout
         self.greeting_line = encode(greeting())
         self._loop = loop
-        self._server: asyncio.AbstractServer | None = None
+        self._listener: socket.socket | None = None
+        self._adopting: set[asyncio.Task[None]] = set()
         self._inode: tuple[int, int] | None = None
         self._connections: list[_Connection] = []
+        self._closing = False
 
     @property
     def clients(self) -> int:
@@ -171,10 +175,10 @@ class QmpServer:
 
     @property
     def serving(self) -> bool:
-        return self._server is not None
+        return self._listener is not None and not self._closing
 
     async def start(self) -> None:
-        if self._server is not None:
+        if self._listener is not None or self._closing:
             raise RuntimeError("QMP server already started")
         loop = self._loop or asyncio.get_running_loop()
         self._loop = loop
@@ -182,22 +186,52 @@ class QmpServer:
         sock = _listen_socket(self.path)
         st = os.stat(self.path)
         self._inode = (st.st_dev, st.st_ino)
-        try:
-            self._server = await loop.create_unix_server(
-                lambda: _Connection(self, loop.create_future()), sock=sock)
-        except BaseException:
-            sock.close()
-            self._unlink()
-            raise
+        sock.listen(LISTEN_BACKLOG)
+        self._listener = sock
+        loop.add_reader(sock.fileno(), self._accept)
         log.info("QMP listening on %s", self.path)
+
+    # Our own accept rather than loop.create_unix_server(): close() then knows every accepted
+    # socket. (Python 3.11's Server.close() leaks a connection accepted just before it.)
+
+    def _accept(self) -> None:
+        for _ in range(LISTEN_BACKLOG):
+            try:
+                conn, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and the like: pause accepting, keep serving
+                log.warning("QMP accept on %s failed: %s", self.path, exc)
+                self._loop.remove_reader(self._listener.fileno())
+                self._loop.call_later(ACCEPT_RETRY, self._resume_accepting)
+                return
+            conn.setblocking(False)
+            task = self._loop.create_task(self._adopt(conn))
+            self._adopting.add(task)
+            task.add_done_callback(self._adopting.discard)
+
+    def _resume_accepting(self) -> None:
+        if not self._closing:
+            self._loop.add_reader(self._listener.fileno(), self._accept)
+
+    async def _adopt(self, conn: socket.socket) -> None:
+        loop = self._loop
+        try:
+            await loop.connect_accepted_socket(lambda: _Connection(self, loop.create_future()), conn)
+        except BaseException:
+            conn.close()
+            raise
 
     async def close(self) -> None:
         """Stop accepting, let every client take the replies and events already queued for it
         (up to drain_timeout), close them, remove the socket file."""
-        server, self._server = self._server, None
-        if server is None:
+        if self._listener is None or self._closing:
             return
-        server.close()
+        self._closing = True
+        self._loop.remove_reader(self._listener.fileno())
+        self._listener.close()
+        if self._adopting:  # accepted, transport not made yet: never cancelled, that would leak
+            await asyncio.gather(*self._adopting, return_exceptions=True)
         connections = list(self._connections)
         for conn in connections:
             conn.close()
@@ -209,7 +243,6 @@ class QmpServer:
                         conn.abort()
                 await asyncio.wait(late)
         self._unlink()
-        await server.wait_closed()
 
     async def __aenter__(self) -> QmpServer:
         await self.start()

@@ -369,3 +369,33 @@ def test_many_clients_at_once(sock_path):
 
     replies, count = run(main())
     assert [r["id"] for r in replies] == list(range(20)) and count == 20
+
+
+def test_close_gives_up_on_a_client_that_never_reads(sock_path):
+    async def main():
+        async with running_server(sock_path, drain_timeout=0.2) as server:
+            stuck = socket.socket(socket.AF_UNIX)  # never reads
+            stuck.connect(str(sock_path))
+            await until(lambda: server.clients == 1)
+            for _ in range(20000):  # ~1.7 MB: more than the socket buffers hold
+                server.events.emit(Stopped())
+            assert server.clients == 1
+        stuck.close()
+        return server.clients, os.path.exists(sock_path)
+
+    assert run(main()) == (0, False)
+
+
+def test_close_is_idempotent_and_start_twice_is_refused(sock_path):
+    async def main():
+        server = QmpServer(sock_path, standard_table(), FakeApi())
+        await server.close()  # never started: nothing to do
+        await server.start()
+        with pytest.raises(RuntimeError):
+            await server.start()
+        assert server.serving
+        await server.close()
+        await server.close()
+        return server.serving
+
+    assert run(main()) is False
