@@ -9,6 +9,7 @@ application to check. Errors are ConfigError(option, reason): one line.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 
 from domain.cmdline_backends import chardev_from_params, parse_chardev, parse_drive, parse_netdev
@@ -68,6 +69,8 @@ UNSUPPORTED_OPTIONS = frozenset({
 _CPU_FEATURE = re.compile(r"[a-z0-9][a-z0-9_.-]*")
 _OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"  # no leading zeros, like Rust's Ipv4Addr
 _IPV4 = re.compile(rf"{_OCTET}(\.{_OCTET}){{3}}")
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"(?=.*[A-Za-z-]){_LABEL}(\.{_LABEL})*")  # a name, not a bad IPv4
 _SERIAL_CHARDEV = "serial_chardev"  # StratoVirt's name for the chardev -serial makes itself
 _PAGE = 4096
 
@@ -353,10 +356,24 @@ def _incoming(text: str) -> str:
         return "file:" + parse_path(opt, "directory", rest)
     if scheme == "unix":
         return "unix:" + parse_socket_path(opt, "path", rest)
-    host, colon, port = rest.partition(":")
-    if not colon or not _IPV4.fullmatch(host):
-        raise ConfigError(opt, f"{quote(rest)} is not IPV4:PORT")
+    host, colon, port = rest.rpartition(":")
+    if not colon or not _tcp_host(host):
+        raise ConfigError(opt, f"{quote(rest)} is not HOST:PORT (IPv4, [IPv6], a name, or empty for all)")
     return f"tcp:{host}:{parse_decimal(opt, 'port', port, 1, 65535)}"
+
+
+def _tcp_host(host: str) -> bool:
+    """StratoVirt takes IPv4 only; pystrato also listens on [IPv6], names, and "" (every
+    address, QEMU's tcp::PORT) as domain.migration does."""
+    if host == "" or _IPV4.fullmatch(host) or _HOSTNAME.fullmatch(host):
+        return True
+    if not (host.startswith("[") and host.endswith("]")):
+        return False
+    try:
+        ipaddress.IPv6Address(host[1:-1])
+    except ValueError:
+        return False
+    return True
 
 
 def _logfile(opts: dict[str, list[str]]) -> str | None:

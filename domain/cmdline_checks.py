@@ -14,6 +14,7 @@ from domain.cmdline_devices import ROOT_BUS
 from domain.cmdline_values import quote
 from domain.config import MICROVM, MICROVM_MAX_BLK, MICROVM_MAX_NET, Q35, DeviceConfig, VmConfig
 from domain.errors import ConfigError
+from domain.migration import migration_blockers, snapshot_blockers
 
 BLK_DRIVERS = ("virtio-blk-device", "virtio-blk-pci")
 NET_DRIVERS = ("virtio-net-device", "virtio-net-pci")
@@ -183,20 +184,12 @@ def _stdio(cfg: VmConfig) -> None:
 
 
 def _incoming(cfg: VmConfig) -> None:
-    """The manual: snapshots and live migration exclude vhost-net, vfio, balloon, mem-share
-    and a memory backing file, so a VM with them cannot be restored or migrated into."""
+    """The manual's exclusions (vhost-net, vfio, balloon, mem-share, mem-path...) forbid a
+    restore or an incoming migration too; domain.migration owns the list."""
     if cfg.incoming is None:
         return
-    reasons = []
-    if any(n.vhost for n in cfg.netdevs):
-        reasons.append("vhost-net")
-    if any(d.driver == "vfio-pci" for d in cfg.devices):
-        reasons.append("vfio-pci")
-    if any(d.driver in BALLOON_DRIVERS for d in cfg.devices):
-        reasons.append("a balloon")
-    if cfg.memory.mem_share:
-        reasons.append("mem-share=on")
-    if cfg.memory.mem_path is not None:
-        reasons.append("-mem-path")
-    if reasons:
-        raise ConfigError("-incoming", f"cannot restore or migrate a VM with {', '.join(reasons)}")
+    file = cfg.incoming.startswith("file:")
+    blockers = snapshot_blockers(cfg) if file else migration_blockers(cfg)
+    if blockers:
+        what = "restore a snapshot into" if file else "migrate into"
+        raise ConfigError("-incoming", f"cannot {what} a VM with {', '.join(blockers)}")

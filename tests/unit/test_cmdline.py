@@ -604,7 +604,8 @@ def test_serial_refusals(cmd, option, fragment):
 @pytest.mark.parametrize(
     "value,incoming",
     [("file:/snap/dir", "file:/snap/dir"), ("FILE:/snap", "file:/snap"), ("tcp:192.168.0.1:4446", "tcp:192.168.0.1:4446"),
-     ("tcp:0.0.0.0:65535", "tcp:0.0.0.0:65535"), ("unix:/tmp/mig.sock", "unix:/tmp/mig.sock")],
+     ("tcp:0.0.0.0:65535", "tcp:0.0.0.0:65535"), ("unix:/tmp/mig.sock", "unix:/tmp/mig.sock"),
+     ("tcp::4446", "tcp::4446"), ("tcp:[::1]:4446", "tcp:[::1]:4446"), ("TCP:localhost:04446", "tcp:localhost:4446")],
 )
 def test_incoming_forms(value, incoming):
     assert parse(f"-incoming {value}").incoming == incoming
@@ -613,8 +614,9 @@ def test_incoming_forms(value, incoming):
 @pytest.mark.parametrize(
     "value,fragment",
     [("tcp:192.168.0.1:0", "port=0 is out of range [1, 65535]"), ("tcp:192.168.0.1:65536", "port=65536"),
-     ("tcp:192.168.0.1", "is not IPV4:PORT"), ("tcp:host.example:4446", "is not IPV4:PORT"),
-     ("tcp:256.1.1.1:1", "not IPV4:PORT"), ("tcp:[::1]:4446", "not IPV4:PORT"), ("tcp:1.2.3.4:x", "not a decimal"),
+     ("tcp:192.168.0.1", "'192.168.0.1' is not HOST:PORT"), ("tcp:4446", "is not HOST:PORT"),
+     ("tcp:256.1.1.1:1", "not HOST:PORT"), ("tcp:1.2.3:1", "not HOST:PORT"), ("tcp:[::g]:4446", "not HOST:PORT"),
+     ("tcp:::1:4446", "not HOST:PORT"), ("tcp:a_b:1", "not HOST:PORT"), ("tcp:1.2.3.4:x", "not a decimal"),
      ("file:", "directory is empty"), ("unix:", "path is empty"), ("unix:/" + "u" * 107, "longer than 107"),
      ("fd:3", "fd: URIs are not supported by pystrato yet"), ("exec:cat /x", "exec: URIs are not supported"),
      ("defer", "is not file:DIR"), ("/snap/dir", "is not file:DIR, tcp:HOST:PORT or unix:PATH"),
@@ -706,10 +708,12 @@ RP1 = "-device pcie-root-port,id=pcie.1,port=1,bus=pcie.0,addr=0x1"
      ("-serial stdio -daemonize", "-daemonize", "stdio and -daemonize exclude each other"),
      ("-chardev stdio,id=c -daemonize", "-daemonize", "exclude each other"),
      (f"-incoming file:/snap {N0.replace('tap0', 'tap0,vhost=on')} {NIC}", "-incoming",
-      "cannot restore or migrate a VM with vhost-net"),
-     (f"-incoming file:/snap {BAL}", "-incoming", "with a balloon"),
-     (Q35 + "-incoming tcp:1.2.3.4:5 -device vfio-pci,id=v,host=0000:00:01.0,bus=pcie.0,addr=1", "-incoming", "vfio-pci"),
-     ("-incoming unix:/m -machine microvm,mem-share=on -mem-path /hp", "-incoming", "with mem-share=on, -mem-path")],
+      "cannot restore a snapshot into a VM with vhost-net netdev 'n0'"),
+     (f"-incoming file:/snap {BAL}", "-incoming", "with balloon device 'virtio-balloon-device'"),
+     (Q35 + "-incoming tcp:1.2.3.4:5 -device vfio-pci,id=v,host=0000:00:01.0,bus=pcie.0,addr=1", "-incoming",
+      "cannot migrate into a VM with vfio device 'v'"),
+     ("-incoming unix:/m -machine microvm,mem-share=on -mem-path /hp", "-incoming",
+      "with shared memory (mem-share=on), memory backend file (mem-path=/hp)")],
 )
 def test_cross_check_refusals(cmd, option, fragment):
     refuse(cmd, option, fragment)
