@@ -22,7 +22,7 @@ from .commands import CommandTable
 from .dispatch import Dispatcher, Outcome
 from .events import QmpEventBroadcaster
 from .models import NO_ID, error_reply, greeting
-from .protocol import JsonStreamParser, encode
+from .protocol import Frame, JsonStreamParser, encode
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class _Connection(asyncio.Protocol):
                 return
             self._answer(frame)
 
-    def _answer(self, frame: Any) -> None:
+    def _answer(self, frame: Frame) -> None:
         if frame.error is not None:  # a parse error never carries an id (QEMU neither)
             outcome = Outcome(error_reply("GenericError", frame.error))
         else:
@@ -128,9 +128,13 @@ def _remove_stale_socket(path: str) -> None:
         probe.settimeout(1.0)
         try:
             probe.connect(path)
-        except OSError:
+        except ConnectionRefusedError:
             os.unlink(path)  # nobody listens: left over from a process that died
             return
+        except TimeoutError:
+            pass  # a listener with a full backlog: alive
+        except OSError as exc:  # EACCES and the like: not ours to replace
+            raise HostResourceError(f"QMP socket {path}: {exc.strerror or exc}") from exc
     raise HostResourceError(f"QMP socket {path}: in use by another process")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import threading
 from dataclasses import dataclass
@@ -80,7 +81,8 @@ def test_every_client_gets_every_event_and_detached_ones_none():
 def test_events_from_other_threads_arrive_in_order_per_thread_and_after_earlier_ones():
     async def main():
         loop = asyncio.get_running_loop()
-        b = QmpEventBroadcaster(loop)
+        ticks = itertools.count(1_000_000_000_000)  # a clock that never steps back
+        b = QmpEventBroadcaster(loop, clock_ns=lambda: next(ticks) * 1000)
         c = Client()
         b.attach(c)
 
@@ -104,7 +106,7 @@ def test_events_from_other_threads_arrive_in_order_per_thread_and_after_earlier_
         mine = [n for n in ns if k * 1000 <= n < k * 1000 + 1000]
         assert mine == list(range(k * 1000, k * 1000 + 500))
     stamps = [(e["timestamp"]["seconds"], e["timestamp"]["microseconds"]) for e in c.events()]
-    assert stamps == sorted(stamps)  # stamped and queued under one lock
+    assert stamps == sorted(stamps) and len(set(stamps)) == len(stamps)  # stamped and queued under one lock
 
 
 def test_without_clients_or_loop_events_are_dropped_quietly():
