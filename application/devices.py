@@ -331,6 +331,13 @@ class DeviceManager:
             raise DeviceNotActiveError("No balloon device has been activated")
         return self.attached[self.balloon_id].model
 
+    def balloon_guest_reports(self, guest_bytes: int) -> None:
+        """What a guest balloon driver does once it reached a size: write the number of pages
+        the balloon holds into the config field 'actual' (virtio_balloon_config, offset 4)."""
+        model = self.balloon_model()
+        pages = max(0, model.ram_size - guest_bytes) >> 12
+        model.write_config(4, memoryview(pages.to_bytes(4, "little")))
+
     def _balloon_actual_changed(self, actual_bytes: int) -> None:
         self._emit(BalloonChanged(actual=actual_bytes))
 

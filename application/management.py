@@ -175,7 +175,7 @@ class Management:
         target = min(value, self.vm.config.memory.size)  # the manual: capped at the boot size
         model.set_target_bytes(target)
         if self._agent is not None:
-            self._agent.balloon_target(target, model.guest_set_actual_bytes)
+            self._agent.balloon_target(target, self.devices.balloon_guest_reports)
         return {}
 
     # --- snapshot / migration -------------------------------------------------------------------------

@@ -226,7 +226,7 @@ def _cpu(text: str) -> tuple[str, ...]:
 def _smp(text: str) -> CpuTopology:
     """-smp [cpus=]N[,maxcpus=][,sockets=][,dies=][,clusters=][,cores=][,threads=].
 
-    Missing values are derived as StratoVirt's SmpConfig::auto_adjust_topology does (0 = derive).
+    Missing values are derived sockets first, then cores, then threads (0 = derive).
     """
     opt = "-smp"
     params = Params(opt, text, head=True)
@@ -247,12 +247,14 @@ def _smp(text: str) -> CpuTopology:
     params.finish()
     if maxcpus == 0:
         maxcpus = sockets * dies * clusters * cores * threads or cpus
-    if cores == 0:
-        sockets, threads = sockets or 1, threads or 1
-        cores = maxcpus // (sockets * dies * clusters * threads)
-    elif sockets == 0:
-        threads = threads or 1
+    # The manual's query-cpus example (-smp 2: CPU 1 is socket-id 1) fills sockets first, as
+    # QEMU did for x86 before 6.2; StratoVirt's own code fills cores first. The manual wins.
+    if sockets == 0:
+        cores, threads = cores or 1, threads or 1
         sockets = maxcpus // (dies * clusters * cores * threads)
+    elif cores == 0:
+        threads = threads or 1
+        cores = maxcpus // (sockets * dies * clusters * threads)
     if threads == 0:
         threads = maxcpus // (sockets * dies * clusters * cores)
     if not cpus <= maxcpus <= MAX_VCPUS:

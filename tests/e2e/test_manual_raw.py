@@ -25,7 +25,7 @@ def test_greeting_and_query_status(vmm):
     p = vmm(*MICROVM)
     c = p.client()
     assert c.greeting["QMP"]["version"]["qemu"] == {"micro": 1, "minor": 0, "major": 5}
-    assert c.greeting["QMP"]["package"].startswith("pystrato-")
+    assert c.greeting["QMP"]["version"]["package"].startswith("pystrato-")
     assert c.greeting["QMP"]["capabilities"] == []
     # The manual sends commands without qmp_capabilities.
     assert c.cmd("query-status") == [{"return": {"running": True, "singlestep": False, "status": "running"}}]

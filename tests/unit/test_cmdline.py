@@ -227,13 +227,13 @@ def test_cpu_refusals(value, fragment):
 
 @pytest.mark.parametrize(
     "value,topology",
-    [("4", (4, 4, 1, 1, 1, 4, 1)), ("cpus=4", (4, 4, 1, 1, 1, 4, 1)),
+    [("4", (4, 4, 4, 1, 1, 1, 1)), ("cpus=4", (4, 4, 4, 1, 1, 1, 1)),
      ("4,sockets=2", (4, 4, 2, 1, 1, 2, 1)), ("4,cores=2", (4, 4, 2, 1, 1, 2, 1)),
-     ("4,sockets=2,cores=2", (4, 4, 2, 1, 1, 2, 1)), ("4,threads=2", (4, 4, 1, 1, 1, 2, 2)),
-     ("2,maxcpus=4", (2, 4, 1, 1, 1, 4, 1)), ("2,maxcpus=8,sockets=2,threads=2", (2, 8, 2, 1, 1, 2, 2)),
+     ("4,sockets=2,cores=2", (4, 4, 2, 1, 1, 2, 1)), ("4,threads=2", (4, 4, 2, 1, 1, 1, 2)),
+     ("2,maxcpus=4", (2, 4, 4, 1, 1, 1, 1)), ("2,maxcpus=8,sockets=2,threads=2", (2, 8, 2, 1, 1, 2, 2)),
      ("8,sockets=2,dies=2,clusters=2", (8, 8, 2, 2, 2, 1, 1)), ("1,sockets=0,cores=0", (1, 1, 1, 1, 1, 1, 1)),
-     ("2,sockets=2,cores=1,threads=1", (2, 2, 2, 1, 1, 1, 1)), ("254", (254, 254, 1, 1, 1, 254, 1)),
-     ("2,sockets=2,cores=2,threads=2", (2, 8, 2, 1, 1, 2, 2)), ("cpus=1,maxcpus=254", (1, 254, 1, 1, 1, 254, 1)),
+     ("2,sockets=2,cores=1,threads=1", (2, 2, 2, 1, 1, 1, 1)), ("254", (254, 254, 254, 1, 1, 1, 1)),
+     ("2,sockets=2,cores=2,threads=2", (2, 8, 2, 1, 1, 2, 2)), ("cpus=1,maxcpus=254", (1, 254, 254, 1, 1, 1, 1)),
      ("4,sockets=2,cores=3,threads=1", (4, 6, 2, 1, 1, 3, 1))],
 )
 def test_smp_topology_derivation(value, topology):
