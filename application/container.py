@@ -14,7 +14,7 @@ import sys
 from dependency_injector import containers, providers
 
 from domain.config import ACCEL_KVM, ACCEL_TEST, VmConfig
-from domain.errors import ConfigError, MissingCapabilityError, VmmError
+from domain.errors import ConfigError, HostResourceError, MissingCapabilityError, VmmError
 from domain.lifecycle import RunState
 
 log = logging.getLogger("pystrato")
@@ -188,8 +188,10 @@ class Runtime:
         self.migration = self._migration_service()
         self.api = Management(self.vm, migration=self.migration, guest_agent=c.guest_agent())
         table = standard_table()
-        ctl = GuestTestControl(self.vm)
+        ctl = GuestTestControl(self.vm, write_file=_write_file)
         table.register("x-query-memory-digest", Schema(), lambda api, a: ctl.memory_digest())
+        table.register("pmemsave", Schema(req("val", "int"), req("size", "int"), req("filename", "str")),
+                       lambda api, a: ctl.pmemsave(a["val"], a["size"], a["filename"]))
         if c.accel() == ACCEL_TEST:
             table.register("x-guest-touch", Schema(req("pages", "int"), opt("seed", "int")),
                            lambda api, a: ctl.touch(a["pages"], a.get("seed", 0)))
@@ -256,6 +258,14 @@ def _read_file(path: str) -> bytes:
             return f.read()
     except OSError as e:
         raise ConfigError("", f"cannot read '{path}': {e.strerror}") from None
+
+
+def _write_file(path: str, data: bytes) -> None:
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+    except OSError as e:
+        raise HostResourceError(f"cannot write '{path}': {e.strerror}") from None
 
 
 def _console_writer(cfg: VmConfig):

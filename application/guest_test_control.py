@@ -16,8 +16,17 @@ MAX_TOUCH_PAGES = 1 << 20
 
 
 class GuestTestControl:
-    def __init__(self, vm):
+    def __init__(self, vm, write_file=None):
         self.vm = vm
+        self._write_file = write_file
+
+    def pmemsave(self, val: int, size: int, filename: str) -> dict:
+        """QEMU's pmemsave: guest-physical memory [val, val+size) into a host file."""
+        if size < 0 or val < 0:
+            raise InvalidArgumentError("pmemsave: 'val' and 'size' must not be negative")
+        data = self.vm.memory.read(val, size)  # GuestMemoryError outside RAM
+        self._write_file(filename, data)
+        return {}
 
     def touch(self, pages: int, seed: int = 0) -> dict:
         """The fake guest writes a seed-derived pattern into ``pages`` pseudo-random pages."""
