@@ -185,7 +185,7 @@ class Runtime:
         from application.management import Management
 
         c = self.container
-        self.migration = self._migration_service()
+        self.migration = _Lazy(self._migration_service)
         self.api = Management(self.vm, migration=self.migration, guest_agent=c.guest_agent())
         table = standard_table()
         ctl = GuestTestControl(self.vm, write_file=_write_file)
@@ -232,7 +232,7 @@ class Runtime:
         self._release_quietly()
 
     async def finish(self) -> None:
-        if self.migration is not None:
+        if self.migration is not None and self.migration.built:
             self.migration.shutdown()
         # Let queued events (SHUTDOWN) reach the clients before the sockets close.
         await asyncio.sleep(0)
@@ -250,6 +250,24 @@ class Runtime:
             self.vm.release()
         except Exception:
             log.exception("teardown failed")
+
+
+class _Lazy:
+    """Builds its target on first use: the migration engine costs start-up time that a VM which
+    never migrates should not pay."""
+
+    def __init__(self, factory):
+        self._factory = factory
+        self._target = None
+
+    @property
+    def built(self) -> bool:
+        return self._target is not None
+
+    def __getattr__(self, name):
+        if self._target is None:
+            self._target = self._factory()
+        return getattr(self._target, name)
 
 
 def _read_file(path: str) -> bytes:

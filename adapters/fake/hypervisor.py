@@ -27,7 +27,7 @@ import time
 from typing import Any, Iterable
 
 from adapters.fake import x86
-from adapters.kvm.cpuid import check_features
+from domain.cpu_features import check_features
 from domain import vcpu_exit as ve
 from domain.cpu_state import GPR_NAMES, DescriptorTable, Regs, Segment, Sregs, VcpuSetup
 from domain.errors import GuestMemoryError, HypervisorError, SnapshotFormatError

@@ -1,0 +1,3 @@
+"""The pystrato version (pyproject reads it from here)."""
+
+VERSION = "0.1.0"
