@@ -13,7 +13,6 @@ from typing import Iterable
 
 from domain.cpu_state import VcpuSetup
 from domain.cpu_features import FEATURES, check_features  # noqa: F401  (re-exported)
-from domain.errors import HypervisorError
 
 FUNCTION, INDEX, FLAGS, EAX, EBX, ECX, EDX = range(7)
 _REG = {"eax": EAX, "ebx": EBX, "ecx": ECX, "edx": EDX}
