@@ -114,6 +114,10 @@ class KvmVcpu:
         if _get_ident() != self._ident:
             self._note_thread()
         rc = _px_run(self._fd)
+        while rc == _NEG_EAGAIN:
+            # An AP waiting for SIPI (mp_state UNINITIALIZED/INIT_RECEIVED) returns EAGAIN from
+            # KVM_RUN once an INIT/SIPI changed its state: KVM expects userspace to re-enter.
+            rc = _px_run(self._fd)
         if rc < 0:
             if rc == _NEG_EINTR:
                 return _INTERRUPTED
@@ -396,6 +400,7 @@ def _check_table(rows: Any, width: int, bits: int, limit: int, what: str) -> Non
 
 _px_run = lib.px_run
 _NEG_EINTR = -errno.EINTR
+_NEG_EAGAIN = -errno.EAGAIN
 _INTERRUPTED = ve.INTERRUPTED
 _EXIT_IO = lib.KVM_EXIT_IO
 _EXIT_MMIO = lib.KVM_EXIT_MMIO
