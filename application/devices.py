@@ -134,6 +134,10 @@ class DeviceManager:
 
     def close(self) -> None:
         self._poller.stop()
+        for att in list(self.attached.values()):
+            # Activated virtqueues hold views of guest RAM: drop them, or RAM cannot be unmapped.
+            if hasattr(att.model, "release"):
+                att.model.release()
         for node in list(self.blockdevs._items.values()):
             node.backend.close()
         for node in list(self.netdevs._items.values()):
