@@ -56,6 +56,12 @@ def _net_opener():
     return TapOpener()
 
 
+def _chardev_opener():
+    from adapters.chardev import ChardevOpener
+
+    return ChardevOpener()
+
+
 def _poller():
     from adapters.host.poller import EpollPoller
 
@@ -101,6 +107,7 @@ class Container(containers.DeclarativeContainer):
     allocator = providers.Singleton(_allocator)
     block_opener = providers.Singleton(_block_opener)
     net_opener = providers.Singleton(_net_opener)
+    chardev_opener = providers.Singleton(_chardev_opener)
     probe = providers.Singleton(host_probe)
     poller = providers.Singleton(_poller)
     zero_scanner = providers.Singleton(_zero_scanner)
@@ -166,7 +173,7 @@ class Runtime:
             cfg, block_opener=c.block_opener(), net_opener=c.net_opener(), probe=c.probe(),
             poller=c.poller(), guest_agent=c.guest_agent(), console_write=console,
             emit=self.events.emit, read_file=_read_file,
-            discard=getattr(c.allocator(), "discard", None))
+            discard=getattr(c.allocator(), "discard", None), chardevs=c.chardev_opener())
         self.vm = VirtualMachine(cfg, hypervisor=c.hypervisor(), allocator=c.allocator(),
                                  events=self.events, devices=devices,
                                  request_exit=self._request_exit, memory_file=memory_file)
@@ -249,6 +256,8 @@ class Runtime:
             self.vm.release()
         except Exception:
             log.exception("teardown failed")
+        finally:
+            self.container.chardev_opener().close()
 
 
 class _Lazy:

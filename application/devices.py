@@ -23,7 +23,7 @@ from domain.errors import (
 )
 from domain.events import BalloonChanged, DeviceDeleted
 from domain.memory import GuestMemory
-from domain.ports import BlockOpener, HostProbe, HvVm, IoPoller, NetOpener
+from domain.ports import BlockOpener, CharBackendOpener, HostProbe, HvVm, IoPoller, NetOpener
 from domain.topology import BLK, NET, DeviceTopology, NamedRegistry, Placement
 
 log = logging.getLogger("pystrato.devices")
@@ -80,7 +80,8 @@ class DeviceManager:
                  probe: HostProbe, poller: IoPoller, guest_agent: GuestAgent | None,
                  console_write: Callable[[bytes], None] | None, emit: Callable[[Any], None],
                  read_file: Callable[[str], bytes] | None = None,
-                 discard: Callable[[GuestMemory, int, int], None] | None = None, vfio=None):
+                 discard: Callable[[GuestMemory, int, int], None] | None = None, vfio=None,
+                 chardevs: CharBackendOpener | None = None):
         self.config = config
         self._blocks = block_opener
         self._nets = net_opener
@@ -92,6 +93,7 @@ class DeviceManager:
         self.read_file = read_file
         self._discard = discard
         self.vfio = vfio
+        self.chardevs = chardevs  # opens the -chardev a virtconsole uses (the caller closes them)
         self.pio = Bus()
         self.mmio = Bus()
         self.topology = DeviceTopology(config.machine.type)

@@ -24,6 +24,7 @@ from domain.devices.i8042 import I8042
 from domain.devices.serial import Serial
 from domain.devices.virtio.balloon import VirtioBalloon
 from domain.devices.virtio.block import VirtioBlock
+from domain.devices.virtio.console import VirtioConsole
 from domain.devices.virtio.mmio import QUEUE_NOTIFY, VirtioMmioTransport
 from domain.devices.virtio.net import VirtioNet
 from domain.errors import InvalidArgumentError, SnapshotFormatError
@@ -34,6 +35,7 @@ log = logging.getLogger("pystrato.machine")
 STATE_VERSION = 1
 SLOT_QUEUES = {BLK: 1, NET: 2}
 BALLOON_QUEUES = 3
+CONSOLE_QUEUES = 2
 
 
 @dataclass
@@ -61,6 +63,7 @@ class Platform:
         self._next_window = 0
         self._rx_watched: dict[int, bool] = {}
         self.pci_models: dict[str, Any] = {}
+        self.console: VirtioConsole | None = None
 
     # --- interrupts ----------------------------------------------------------------------------
 
@@ -175,7 +178,28 @@ class Platform:
         return model
 
     def add_console_device(self, att, devcfg) -> Any:
-        raise InvalidArgumentError(f"'{devcfg.driver}' is not supported by pystrato yet: use -serial")
+        """virtio-serial-device is the virtio-console device (microvm: a slot of its own); the
+        virtconsole after it (domain.cmdline_checks keeps that order) is its port 0 and brings
+        the chardev. One device, one transport."""
+        if devcfg.driver == "virtconsole":
+            if self.console is None:
+                raise InvalidArgumentError("virtconsole needs a virtio-serial-device before it")
+            if self.dm.chardevs is None:
+                raise InvalidArgumentError("chardevs are not available in this VMM")
+            chardev = next((c for c in self.config.chardevs if c.id == devcfg.chardev), None)
+            if chardev is None:
+                raise InvalidArgumentError(f"chardev '{devcfg.chardev}' is not defined")
+            self.console.connect(self.dm.chardevs.open(chardev))
+            return self.console
+        if devcfg.driver != "virtio-serial-device":
+            raise InvalidArgumentError(f"'{devcfg.driver}' is not supported by pystrato yet")
+        model = VirtioConsole(self.memory)
+        if self.config.machine.type == MICROVM:
+            self._new_slot("console", CONSOLE_QUEUES).transport.set_device(model)
+        else:
+            self.pci_models[att.placement.device_id] = model
+        self.console = model
+        return model
 
     def add_pci_device(self, att, node, devcfg) -> Any:
         drv = devcfg.driver

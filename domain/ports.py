@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
+from domain.config import ChardevConfig
 from domain.cpu_state import Regs, Sregs, VcpuSetup
 from domain.memory import GuestMemory
 from domain.vcpu_exit import VcpuExit
@@ -143,6 +144,33 @@ class NetBackend(Protocol):
 class NetOpener(Protocol):
     def open_tap(self, ifname: str) -> NetBackend:
         """Raises HostResourceError when the tap cannot be opened."""
+
+
+class CharBackend(Protocol):
+    """A -chardev: the host end of a guest console's byte stream.
+
+    Input flows with back-pressure: ``start(receive)`` hands every input chunk to
+    ``receive(data)``, which returns how many bytes the guest took. The backend keeps the rest,
+    stops reading, and offers the kept bytes again after ``input_ready()``.
+    """
+
+    def start(self, receive: Callable[[bytes], int]) -> None:
+        """Begin delivering input (at most one consumer)."""
+
+    def input_ready(self) -> None:
+        """The consumer has room again. Thread-safe, never blocks; may be called while the
+        consumer holds its own lock (so it must not call ``receive`` itself)."""
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Guest output. Never blocks the caller: with nobody connected the bytes are dropped.
+        ``data`` is only valid during the call (it may be a view of guest memory)."""
+
+    def close(self) -> None: ...
+
+
+class CharBackendOpener(Protocol):
+    def open(self, config: ChardevConfig) -> CharBackend:
+        """Raises ConfigError or HostResourceError with one line when it cannot be opened."""
 
 
 class HostProbe(Protocol):
