@@ -191,7 +191,7 @@ class Platform:
                 raise InvalidArgumentError(f"chardev '{devcfg.chardev}' is not defined")
             self.console.connect(self.dm.chardevs.open(chardev))
             return self.console
-        if devcfg.driver != "virtio-serial-device":
+        if devcfg.driver not in ("virtio-serial-device", "virtio-serial-pci"):
             raise InvalidArgumentError(f"'{devcfg.driver}' is not supported by pystrato yet")
         model = VirtioConsole(self.memory)
         if self.config.machine.type == MICROVM:
