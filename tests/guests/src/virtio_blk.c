@@ -1,0 +1,184 @@
+/* virtio_blk: a minimal virtio-blk driver over virtio-mmio v2 (polling, one split queue).
+ *
+ * Default: write `count` sectors (default 256) from `sector` (default 0) with a pattern of
+ * `seed` (byte i of sector s is (s * 131 + i * 7 + seed) & 0xff), FLUSH, read them back and
+ * compare, printing the status byte of every step. `ro`: the device is expected to be read-only:
+ * read first, then try one write and print the status the device returned (virtio 1.1 §5.2.6:
+ * VIRTIO_BLK_S_IOERR for a write to a VIRTIO_BLK_F_RO device). `bench=read|write`: `total`
+ * bytes in requests of `bs` bytes, `depth` requests in flight, timed between two lines.
+ * The device is the slot=N-th virtio_mmio.device= entry of the command line (default 0). */
+#include "virtio.h"
+
+#define VIRTIO_BLK_F_RO (1ULL << 5)
+#define VIRTIO_BLK_F_FLUSH (1ULL << 9)
+#define T_IN 0
+#define T_OUT 1
+#define T_FLUSH 4
+#define SECTOR 512
+#define MAX_BYTES (1u << 20)          /* pattern mode: at most 2048 sectors */
+#define DEPTH_MAX 16
+#define BS_MAX (256u << 10)
+#define TIMEOUT (20ULL << 30)          /* cycles: several seconds on any host */
+
+struct blk_hdr {
+    u32 type, reserved;
+    u64 sector;
+};
+
+static struct vdev dev;
+static struct blk_hdr hdrs[DEPTH_MAX];
+static volatile u8 statuses[DEPTH_MAX];
+static u8 wbuf[MAX_BYTES] __attribute__((aligned(4096)));
+static u8 rbuf[MAX_BYTES] __attribute__((aligned(4096)));
+static u8 bench_buf[DEPTH_MAX][BS_MAX] __attribute__((aligned(4096)));
+
+/* Fill slot's three descriptors (header, data, status) for one request; returns its head. */
+static u16 prepare(unsigned slot, u32 type, u64 sector, void *buf, u32 len)
+{
+    u16 h = (u16)(slot * 3);
+    hdrs[slot] = (struct blk_hdr){ type, 0, sector };
+    statuses[slot] = 0xff;
+    struct virtq_desc *d = dev.desc;
+    d[h] = (struct virtq_desc){ (u64)&hdrs[slot], sizeof hdrs[slot], VIRTQ_DESC_F_NEXT, (u16)(h + 1) };
+    if (len) {
+        d[h + 1] = (struct virtq_desc){ (u64)buf, len,
+                                        (u16)(VIRTQ_DESC_F_NEXT | (type == T_IN ? VIRTQ_DESC_F_WRITE : 0)),
+                                        (u16)(h + 2) };
+        d[h + 2] = (struct virtq_desc){ (u64)&statuses[slot], 1, VIRTQ_DESC_F_WRITE, 0 };
+    } else {
+        d[h].next = (u16)(h + 2);
+        d[h + 2] = (struct virtq_desc){ (u64)&statuses[slot], 1, VIRTQ_DESC_F_WRITE, 0 };
+    }
+    return h;
+}
+
+/* Notify unless the device asked not to be (VRING_USED_F_NO_NOTIFY while it is processing). */
+static void kick(void)
+{
+    __asm__ __volatile__("mfence" ::: "memory");   /* avail idx store before the flags load */
+    if (!(((volatile struct virtq_used *)dev.used)->flags & 1))
+        vq_notify(&dev);
+}
+
+/* One synchronous request; returns the status byte, or 0x100 + the wait outcome. */
+static unsigned request(u32 type, u64 sector, void *buf, u32 len)
+{
+    u32 id, used_len;
+    vq_push(&dev, prepare(0, type, sector, buf, len));
+    kick();
+    int w = vq_wait(&dev, &id, &used_len, TIMEOUT);
+    if (w != WAIT_DONE)
+        return 0x100 + (unsigned)w;
+    return statuses[0];
+}
+
+static u8 pattern(u64 sector, unsigned i, u64 seed) { return (u8)(sector * 131 + i * 7 + seed); }
+
+static unsigned rw(u32 type, u64 sector, u8 *buf, u64 count, u64 chunk)
+{
+    unsigned worst = 0;
+    for (u64 s = 0; s < count; s += chunk) {
+        u64 n = count - s < chunk ? count - s : chunk;
+        unsigned st = request(type, sector + s, buf + s * SECTOR, (u32)(n * SECTOR));
+        if (st && !worst)
+            worst = st;
+    }
+    return worst;
+}
+
+static int bench(u64 capacity)
+{
+    u32 type = arg_eq("bench", "read") ? T_IN : T_OUT;
+    u64 bs = arg_u64("bs", 65536), total = arg_u64("total", 64ULL << 20), depth = arg_u64("depth", 1);
+    if (!bs || bs % SECTOR || bs > BS_MAX || !depth || depth > DEPTH_MAX || depth * 3 > dev.qsize
+        || bs / SECTOR > capacity) {
+        print("bench: bad parameters\n");
+        return 1;
+    }
+    u64 nreq = total / bs, span = capacity / (bs / SECTOR), next = 0, done = 0, errors = 0;
+    for (unsigned i = 0; i < depth; i++)
+        memset(bench_buf[i], 0x5a + i, bs);
+    print("bench: start op=%s bs=%lu total=%lu depth=%lu\n", type == T_IN ? "read" : "write", bs, nreq * bs,
+          depth);
+    u64 t0 = rdtsc();
+    for (; next < nreq && next < depth; next++)
+        vq_push(&dev, prepare((unsigned)next, type, (next % span) * (bs / SECTOR), bench_buf[next], (u32)bs));
+    kick();
+    while (done < nreq) {
+        u32 id, len;
+        if (vq_wait(&dev, &id, &len, TIMEOUT) != WAIT_DONE) {
+            print("bench: device stopped answering after %lu requests\n", done);
+            return 1;
+        }
+        unsigned slot = id / 3;
+        if (statuses[slot] != 0)
+            errors++;
+        done++;
+        if (next < nreq) {
+            vq_push(&dev, prepare(slot, type, (next % span) * (bs / SECTOR), bench_buf[slot], (u32)bs));
+            next++;
+            kick();
+        }
+    }
+    u64 t1 = rdtsc();
+    print("bench: done bytes=%lu errors=%lu tsc=%lu\n", done * bs, errors, t1 - t0);
+    return 0;
+}
+
+int main(void)
+{
+    u64 base;
+    u32 irq;
+    unsigned slot = (unsigned)arg_u64("slot", 0);
+    if (!virtio_mmio_slot(slot, &base, &irq)) {
+        print("virtio_blk: no virtio_mmio.device entry %u on the command line\n", slot);
+        return 1;
+    }
+    if (vdev_init(&dev, base, VIRTIO_ID_BLOCK, VIRTIO_BLK_F_FLUSH | VIRTIO_BLK_F_RO, QMAX))
+        return 1;
+    u64 capacity = mmio_read32(base + VM_CONFIG) | (u64)mmio_read32(base + VM_CONFIG + 4) << 32;
+    int ro = (dev.features & VIRTIO_BLK_F_RO) != 0;
+    print("virtio_blk: slot %u at %lx irq %u capacity=%lu features=%lx ro=%d queue=%u\n", slot, base, irq,
+          capacity, dev.features, ro, dev.qsize);
+    if (arg("bench", NULL))
+        return bench(capacity);
+
+    u64 sector = arg_u64("sector", 0), count = arg_u64("count", 256), seed = arg_u64("seed", 1);
+    u64 chunk = arg_u64("chunk", 128);
+    if (!count || count * SECTOR > MAX_BYTES || !chunk || chunk * SECTOR > MAX_BYTES || sector + count > capacity) {
+        print("virtio_blk: bad sector/count/chunk\n");
+        return 1;
+    }
+    for (u64 s = 0; s < count; s++)
+        for (unsigned i = 0; i < SECTOR; i++)
+            wbuf[s * SECTOR + i] = pattern(sector + s, i, seed);
+
+    if (arg_flag("ro")) {
+        unsigned st = rw(T_IN, sector, rbuf, count, chunk);
+        print("virtio_blk: read sector=%lu count=%lu status=%u\n", sector, count, st);
+        st = request(T_OUT, sector, wbuf, SECTOR);
+        print("virtio_blk: write sector=%lu count=1 status=%u\n", sector, st);
+        u8 before[SECTOR];
+        memcpy(before, rbuf, SECTOR);
+        st = request(T_IN, sector, rbuf, SECTOR);
+        print("virtio_blk: reread status=%u unchanged=%s\n", st, memcmp(before, rbuf, SECTOR) ? "no" : "yes");
+        print("virtio_blk: done\n");
+        return 0;
+    }
+    unsigned st = rw(T_OUT, sector, wbuf, count, chunk);
+    print("virtio_blk: write sector=%lu count=%lu status=%u\n", sector, count, st);
+    st = (dev.features & VIRTIO_BLK_F_FLUSH) ? request(T_FLUSH, 0, NULL, 0) : 0x1ff;
+    print("virtio_blk: flush status=%u\n", st);
+    memset(rbuf, 0, count * SECTOR);
+    st = rw(T_IN, sector, rbuf, count, chunk);
+    print("virtio_blk: read sector=%lu count=%lu status=%u\n", sector, count, st);
+    for (u64 i = 0; i < count * SECTOR; i++)
+        if (rbuf[i] != wbuf[i]) {
+            print("virtio_blk: compare mismatch at byte %lu\n", i);
+            print("virtio_blk: done\n");
+            return 1;
+        }
+    print("virtio_blk: compare ok\n");
+    print("virtio_blk: done\n");
+    return 0;
+}
