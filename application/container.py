@@ -62,6 +62,12 @@ def _chardev_opener():
     return ChardevOpener()
 
 
+def _vfio_manager(memory):
+    from adapters.vfio import VfioManager
+
+    return VfioManager(memory)
+
+
 def _poller():
     from adapters.host.poller import EpollPoller
 
@@ -173,7 +179,9 @@ class Runtime:
             cfg, block_opener=c.block_opener(), net_opener=c.net_opener(), probe=c.probe(),
             poller=c.poller(), guest_agent=c.guest_agent(), console_write=console,
             emit=self.events.emit, read_file=_read_file,
-            discard=getattr(c.allocator(), "discard", None), chardevs=c.chardev_opener())
+            discard=getattr(c.allocator(), "discard", None), chardevs=c.chardev_opener(),
+            # VFIO maps guest RAM for device DMA: the lambda reads it once realize() allocated it.
+            vfio=_vfio_manager(lambda: devices.memory))
         self.vm = VirtualMachine(cfg, hypervisor=c.hypervisor(), allocator=c.allocator(),
                                  events=self.events, devices=devices,
                                  request_exit=self._request_exit, memory_file=memory_file)

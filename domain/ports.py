@@ -7,6 +7,7 @@ pins the behaviour every hypervisor implementation must share.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 from domain.config import ChardevConfig
@@ -217,3 +218,88 @@ class IoPoller(Protocol):
     def start(self) -> None: ...
 
     def stop(self) -> None: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# VFIO device passthrough
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VfioPciIndices:
+    """The vfio-pci region and IRQ index numbers, as the adapter read them from <linux/vfio.h>."""
+
+    bars: tuple[int, ...]  # BAR0..BAR5
+    rom: int
+    config: int
+    intx: int
+    msi: int
+    msix: int
+
+
+@dataclass(frozen=True)
+class VfioRegionInfo:
+    index: int
+    size: int
+    readable: bool
+    writable: bool
+    mappable: bool
+    # (offset, size) ranges of the region that may be mmapped: the whole region, the kernel's
+    # sparse areas (a BAR holding an MSI-X table), or none.
+    mmap_areas: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class VfioIrqInfo:
+    index: int
+    count: int  # vectors in this index (0: the device lacks it)
+    eventfd: bool  # can signal through eventfds
+    maskable: bool
+    automasked: bool  # INTx: the host masks the line on each interrupt; unmask_irq() re-arms it
+    resizable: bool  # vectors can be added while enabled (no VFIO_IRQ_INFO_NORESIZE)
+
+
+@runtime_checkable
+class VfioDevice(Protocol):
+    """One host PCI function opened through VFIO. Every failure raises HostResourceError."""
+
+    host: str  # "0000:1a:00.3"
+    indices: VfioPciIndices
+    num_regions: int
+    num_irqs: int
+    can_reset: bool
+
+    def region_info(self, index: int) -> VfioRegionInfo: ...
+
+    def region_read(self, index: int, offset: int, length: int) -> bytes:
+        """Read from a region (config space, a BAR, the ROM); the range must lie inside it."""
+
+    def region_write(self, index: int, offset: int, data: bytes | memoryview) -> None: ...
+
+    def region_mmap(self, index: int) -> list[tuple[int, memoryview]]:
+        """Map the region's mmap areas: (offset in the region, writable view) pairs, valid until
+        close(). Empty when the region cannot be mapped (accesses then go through read/write)."""
+
+    def irq_info(self, index: int) -> VfioIrqInfo: ...
+
+    def set_irq_eventfds(self, index: int, fds: Sequence[int], start: int = 0) -> None:
+        """Signal vectors start.. of an IRQ index (INTx, MSI, MSI-X) through these eventfds;
+        -1 leaves a vector without one."""
+
+    def disable_irqs(self, index: int) -> None:
+        """Stop signalling every vector of an IRQ index (the guest disabled MSI/MSI-X/INTx)."""
+
+    def unmask_irq(self, index: int, subindex: int = 0) -> None: ...
+
+    def reset(self) -> None: ...
+
+    def close(self) -> None:
+        """Unmap the BARs, close the device and, with its last device, its group's DMA maps."""
+
+    def release(self) -> None:
+        """close(): the name the machine calls when a hot-plugged device goes away."""
+
+
+class VfioOpener(Protocol):
+    def open_device(self, host: str) -> VfioDevice:
+        """Open a host PCI function (bound to vfio-pci) with guest RAM mapped for its DMA."""
