@@ -10,7 +10,7 @@ from __future__ import annotations
 import mmap
 import os
 import threading
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from adapters.vfio.errors import VfioError, VfioIoctlError, errno_text
 from adapters.vfio.kernel import DeviceInfo, RegionInfo
@@ -20,7 +20,7 @@ from domain.ports import VfioIrqInfo, VfioPciIndices, VfioRegionInfo
 
 class VfioPciDevice:
     def __init__(self, kernel, fd: int, host: str, info: DeviceInfo, indices: VfioPciIndices,
-                 on_close: Callable[["VfioPciDevice"], None] | None = None):
+                 on_close: Callable[[VfioPciDevice], None] | None = None):
         self._k = kernel
         self.fd = fd
         self.host = host

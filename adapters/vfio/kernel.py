@@ -6,8 +6,8 @@ The manager and the device handle add which device and step it was, and what to 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from adapters.vfio.errors import VfioIoctlError
 from domain.ports import VfioIrqInfo, VfioPciIndices

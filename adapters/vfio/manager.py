@@ -16,8 +16,8 @@ import errno
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from adapters.vfio import kernel as kmod
 from adapters.vfio.device import VfioPciDevice

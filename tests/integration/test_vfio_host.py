@@ -19,13 +19,24 @@ from adapters.vfio import kernel as kmod
 if not kmod.available():  # pragma: no cover - depends on the build
     pytest.skip("adapters.vfio._vfio_cffi is not built", allow_module_level=True)
 
-from adapters.host.memory import MmapAllocator  # noqa: E402
-from adapters.vfio.errors import VfioError  # noqa: E402
-from adapters.vfio.manager import VfioManager  # noqa: E402
-from adapters.vfio.sysfs import GroupMember, PciSysfs, keeps_group_viable, not_viable_reason  # noqa: E402
-from domain.errors import HostResourceError  # noqa: E402
-from domain.ports import VfioDevice  # noqa: E402
-from tests.integration.vfio_fakes import FakeDevice, FakeSysfs, ScriptedKernel, pci_config, rw_flags  # noqa: E402
+from adapters.host.memory import MmapAllocator
+from adapters.vfio.errors import VfioError
+from adapters.vfio.manager import VfioManager
+from adapters.vfio.sysfs import (
+    GroupMember,
+    PciSysfs,
+    keeps_group_viable,
+    not_viable_reason,
+)
+from domain.errors import HostResourceError
+from domain.ports import VfioDevice
+from tests.integration.vfio_fakes import (
+    FakeDevice,
+    FakeSysfs,
+    ScriptedKernel,
+    pci_config,
+    rw_flags,
+)
 
 lib = kmod.lib
 HOST = "0000:1a:00.3"

@@ -1,10 +1,18 @@
 """DMA-map and BAR-mmap planning for VFIO, without ioctls."""
 
+import itertools
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from adapters.vfio.plan import DmaMapping, PlanError, iommu_page_size, plan_dma, plan_mmap
+from adapters.vfio.plan import (
+    DmaMapping,
+    PlanError,
+    iommu_page_size,
+    plan_dma,
+    plan_mmap,
+)
 
 MiB, GiB = 1 << 20, 1 << 30
 
@@ -78,7 +86,7 @@ def test_plan_keeps_every_nonempty_region_once_in_order(pages):
         gpa += length * 4096
     plan = plan_dma(list(reversed(regions)), 4096)
     assert [(m.iova, m.size, m.vaddr) for m in plan] == [r for r in regions if r[1]]
-    assert all(a.end <= b.iova for a, b in zip(plan, plan[1:]))
+    assert all(a.end <= b.iova for a, b in itertools.pairwise(plan))
 
 
 # --- BAR mmap ------------------------------------------------------------------------------------
