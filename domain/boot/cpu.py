@@ -13,8 +13,10 @@ from domain.boot import layout
 from domain.cpu_state import DescriptorTable, Regs, Segment, Sregs
 from domain.memory import GuestMemory
 
-# GDT entries (flags, base, limit): null, code64, data, TSS (the layout Linux expects for boot).
+# GDT entries (flags, base, limit): null, code, data, TSS. The code segment is 64-bit for the
+# 64-bit entry and 32-bit for the 32-bit one; Linux loads its own GDT at once either way.
 GDT_FLAGS = (0, 0xA09B, 0xC093, 0x808B)
+GDT_FLAGS_32 = (0, 0xC09B, 0xC093, 0x808B)
 GDT_LIMIT = 0xFFFFF
 CODE_INDEX, DATA_INDEX, TSS_INDEX = 1, 2, 3
 
@@ -59,8 +61,8 @@ def segment_from_gdt(entry: int, index: int) -> Segment:
     )
 
 
-def write_gdt_idt(mem: GuestMemory) -> list[int]:
-    gdt = [gdt_entry(f, 0, GDT_LIMIT if f else 0) for f in GDT_FLAGS]
+def write_gdt_idt(mem: GuestMemory, flags: tuple[int, ...] = GDT_FLAGS) -> list[int]:
+    gdt = [gdt_entry(f, 0, GDT_LIMIT if f else 0) for f in flags]
     mem.write(layout.GDT_START, struct.pack(f"<{len(gdt)}Q", *gdt))
     mem.write_u64(layout.IDT_START, 0)
     return gdt
@@ -80,26 +82,32 @@ def write_page_tables(mem: GuestMemory) -> None:
     mem.write(layout.PDE_START, pde)
 
 
-def setup_boot_cpu(mem: GuestMemory, entry: int) -> tuple[Regs, Sregs]:
-    """Write GDT, IDT and page tables; return the BSP's registers for the 64-bit entry."""
-    gdt = write_gdt_idt(mem)
+def setup_boot_cpu(mem: GuestMemory, entry: int, *, protected_32: bool = False) -> tuple[Regs, Sregs]:
+    """Write GDT, IDT and page tables; return the BSP's registers for the kernel entry.
+
+    The default is the 64-bit entry (long mode, identity paging). ``protected_32`` gives the
+    32-bit boot protocol's state instead (flat protected mode, paging off), which a bzImage's
+    startup_32 expects: it then builds its own 4 GiB identity map before entering long mode."""
+    gdt = write_gdt_idt(mem, GDT_FLAGS_32 if protected_32 else GDT_FLAGS)
     write_page_tables(mem)
-    code = segment_from_gdt(gdt[CODE_INDEX], CODE_INDEX)
-    data = segment_from_gdt(gdt[DATA_INDEX], DATA_INDEX)
-    tss = segment_from_gdt(gdt[TSS_INDEX], TSS_INDEX)
+
+    def seg(index: int) -> Segment:  # a distinct object per register
+        return segment_from_gdt(gdt[index], index)
+
     sregs = Sregs(
-        cs=code,
-        ds=data, es=data, fs=data, gs=data, ss=data,
-        tr=tss,
+        cs=seg(CODE_INDEX),
+        ds=seg(DATA_INDEX), es=seg(DATA_INDEX), fs=seg(DATA_INDEX), gs=seg(DATA_INDEX), ss=seg(DATA_INDEX),
+        tr=seg(TSS_INDEX),
         gdt=DescriptorTable(layout.GDT_START, len(gdt) * 8 - 1),
         idt=DescriptorTable(layout.IDT_START, 7),
-        cr0=X86_CR0_PE | X86_CR0_ET | X86_CR0_PG,
-        cr3=layout.PML4_START,
-        cr4=X86_CR4_PAE,
-        efer=EFER_LME | EFER_LMA,
     )
-    # Distinct Segment objects: callers may mutate one register without touching the others.
-    sregs.es, sregs.fs, sregs.gs, sregs.ss = (segment_from_gdt(gdt[DATA_INDEX], DATA_INDEX) for _ in range(4))
+    if protected_32:
+        sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer = X86_CR0_PE | X86_CR0_ET, 0, 0, 0
+    else:
+        sregs.cr0, sregs.cr3 = X86_CR0_PE | X86_CR0_ET | X86_CR0_PG, layout.PML4_START
+        sregs.cr4, sregs.efer = X86_CR4_PAE, EFER_LME | EFER_LMA
     regs = Regs(rip=entry, rsi=layout.ZERO_PAGE_START, rsp=layout.BOOT_STACK_POINTER,
                 rbp=layout.BOOT_STACK_POINTER, rflags=0x2)
+    if protected_32:
+        regs.rsp = regs.rbp = 0  # the protocol wants ebp/edi/ebx zero; startup_32 sets its stack
     return regs, sregs

@@ -67,6 +67,7 @@ class KernelInfo:
     kernel_alignment: int = 0
     relocatable: bool = False
     pvh_entry: int | None = None  # ELF note XEN_ELFNOTE_PHYS32_ENTRY, if present
+    entry_32: int | None = None  # bzImage: the 32-bit protocol entry (startup_32 = load address)
 
 
 def load_kernel(mem: GuestMemory, image) -> KernelInfo:
@@ -141,6 +142,7 @@ def _load_bzimage(mem: GuestMemory, img: memoryview) -> KernelInfo:
         cmdline_size=cmdline_size,
         kernel_alignment=_u32(img, OFF_KERNEL_ALIGNMENT),
         relocatable=relocatable,
+        entry_32=load,
     )
 
 

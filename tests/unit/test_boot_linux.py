@@ -35,3 +35,19 @@ def test_tiny_ram_is_refused():
     mem = GuestMemory([(0, bytearray(0x80000))])
     with pytest.raises(BootError, match="first MiB"):
         setup_linux_boot(mem, b"", None, "", 1)
+
+
+def test_bzimage_32bit_protocol_entry():
+    mem = GuestMemory([(0, bytearray(64 * MiB))])
+    img, _ = make_bzimage()
+    info = boot_linux(mem, img, None, "", 1, bzimage_entry="32")
+    assert info.regs.rip == 0x100000 and info.regs.rsi == layout.ZERO_PAGE_START
+    assert (info.regs.rbp, info.regs.rbx, info.regs.rdi) == (0, 0, 0)
+    s = info.sregs
+    assert s.cr0 & 1 and not s.cr0 & 0x80000000 and s.efer == 0 and s.cr4 == 0
+    assert (s.cs.db, s.cs.l, s.cs.type, s.cs.limit) == (1, 0, 0xB, 0xFFFFFFFF)
+    assert (s.ds.db, s.ds.type) == (1, 3)
+    gdt = struct.unpack("<4Q", mem.read(layout.GDT_START, 32))
+    assert gdt[1] == 0x00CF9B000000FFFF
+    with pytest.raises(ValueError):
+        boot_linux(mem, img, None, "", 1, bzimage_entry="16")
