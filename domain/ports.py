@@ -74,6 +74,11 @@ class HvVm(Protocol):
 
     def set_irq_line(self, gsi: int, level: bool) -> None: ...
 
+    def signal_msi(self, address: int, data: int) -> bool:
+        """Inject a message-signalled interrupt (KVM_SIGNAL_MSI). True when a LAPIC took it,
+        False when the guest blocked it or no LAPIC matched. Needs the in-kernel irqchip
+        (HypervisorError EINVAL without it)."""
+
     def register_irqfd(self, fd: int, gsi: int) -> None: ...
 
     def unregister_irqfd(self, fd: int, gsi: int) -> None: ...

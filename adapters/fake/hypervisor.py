@@ -112,6 +112,7 @@ class FakeVm:
         self.irqfds: dict[int, int] = {}  # eventfd -> gsi
         self.ioevents: list[_IoEvent] = []
         self.irqfd_signals: dict[int, int] = {}  # gsi -> times its irqfd fired (poll_irqfds)
+        self.msi_log: list[tuple[int, int]] = []  # (address, data) of every signal_msi
         self._clock_base = time.monotonic_ns()
         self.closed = False
 
@@ -257,6 +258,17 @@ class FakeVm:
         with self._lock:
             self.irq_levels[gsi] = bool(level)
             self.irq_log.append((gsi, bool(level)))
+
+    def signal_msi(self, address: int, data: int) -> bool:
+        """Recorded in ``msi_log``; True when the destination APIC id (address bits 19:12) is a
+        vCPU, as KVM reports delivery (the fake guest never takes the interrupt)."""
+        if not self.has_irqchip:
+            raise FakeHvError("signal_msi", errno.EINVAL, "no irqchip")
+        if not 0 <= address < 1 << 64 or not 0 <= data < 1 << 32:
+            raise FakeHvError("signal_msi", errno.EINVAL, f"address {address:#x} data {data:#x}")
+        with self._lock:
+            self.msi_log.append((address, data))
+            return (address >> 12) & 0xFF in self._vcpus
 
     def register_irqfd(self, fd: int, gsi: int) -> None:
         op = "register_irqfd"

@@ -38,6 +38,7 @@ KVM_SYSTEM_EVENT_SHUTDOWN KVM_SYSTEM_EVENT_RESET KVM_SYSTEM_EVENT_CRASH
 KVM_MEM_LOG_DIRTY_PAGES KVM_MEM_READONLY KVM_IRQFD_FLAG_DEASSIGN KVM_IOEVENTFD_FLAG_DATAMATCH
 KVM_IOEVENTFD_FLAG_PIO KVM_IOEVENTFD_FLAG_DEASSIGN KVM_PIT_SPEAKER_DUMMY KVM_IRQCHIP_PIC_MASTER
 KVM_IRQCHIP_PIC_SLAVE KVM_IRQCHIP_IOAPIC KVM_MP_STATE_RUNNABLE KVM_CPUID_FLAG_SIGNIFCANT_INDEX
+KVM_SIGNAL_MSI KVM_CAP_SIGNAL_MSI
 PX_RUN_EXIT_REASON PX_RUN_IMMEDIATE_EXIT PX_RUN_IO_DIRECTION PX_RUN_IO_SIZE PX_RUN_IO_PORT
 PX_RUN_IO_COUNT PX_RUN_IO_DATA_OFFSET PX_RUN_MMIO_PHYS_ADDR PX_RUN_MMIO_DATA PX_RUN_MMIO_LEN
 PX_RUN_MMIO_IS_WRITE PX_RUN_FAIL_ENTRY_REASON PX_RUN_INTERNAL_SUBERROR PX_RUN_SYSTEM_EVENT_TYPE
@@ -94,6 +95,7 @@ int px_irqfd(int vm_fd, int fd, uint32_t gsi, uint32_t flags);
 int px_ioeventfd(int vm_fd, int fd, uint64_t addr, uint32_t len, uint64_t datamatch,
                  uint32_t flags);
 int px_create_pit2(int vm_fd, uint32_t flags);
+int px_signal_msi(int vm_fd, uint64_t address, uint32_t data);
 int px_get_supported_cpuid(int kvm_fd, struct kvm_cpuid_entry2 *out, int max);
 int px_get_cpuid2(int vcpu_fd, struct kvm_cpuid_entry2 *out, int max);
 int px_set_cpuid2(int vcpu_fd, const struct kvm_cpuid_entry2 *entries, int n);
@@ -204,6 +206,15 @@ static int px_create_pit2(int vm_fd, uint32_t flags)
     memset(&c, 0, sizeof c);
     c.flags = flags;
     return px_ret(ioctl(vm_fd, KVM_CREATE_PIT2, &c));
+}
+
+/* KVM answers > 0 delivered, 0 blocked by the guest, -1 (EPERM) when no LAPIC matched. */
+static int px_signal_msi(int vm_fd, uint64_t address, uint32_t data)
+{
+    struct kvm_msi m;
+    memset(&m, 0, sizeof m);
+    m.address_lo = (uint32_t)address; m.address_hi = (uint32_t)(address >> 32); m.data = data;
+    return px_ret(ioctl(vm_fd, KVM_SIGNAL_MSI, &m));
 }
 
 /* kvm_cpuid2 ends in a flexible array: build it here so Python only sees plain entries. */

@@ -111,6 +111,15 @@ class KvmVm:
     def set_irq_line(self, gsi: int, level: bool) -> None:
         check(lib.px_irq_line(self._fd, gsi, 1 if level else 0), "KVM_IRQ_LINE", f"gsi {gsi}")
 
+    def signal_msi(self, address: int, data: int) -> bool:
+        if not 0 <= address < 1 << 64 or not 0 <= data < 1 << 32:
+            raise KvmIoctlError("KVM_SIGNAL_MSI", errno.EINVAL, f"address {address:#x} data {data:#x}")
+        rc = lib.px_signal_msi(self._fd, address, data)
+        if rc == -errno.EPERM:  # KVM's -1: no LAPIC matched the destination
+            return False
+        check(rc, "KVM_SIGNAL_MSI", f"address {address:#x} data {data:#x}")
+        return rc > 0
+
     def register_irqfd(self, fd: int, gsi: int) -> None:
         check(lib.px_irqfd(self._fd, fd, gsi, 0), "KVM_IRQFD", f"fd {fd} gsi {gsi}")
 
