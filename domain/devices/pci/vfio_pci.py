@@ -7,8 +7,11 @@ host kernel must keep: the MSI/MSI-X enables, the INTx disable bit...), except w
     the host's addresses never show) and placement reaches the platform through on_bar_moved;
   - the MSI-X table: the host kernel programs the real one, so guest accesses to it hit a shadow
     table here, and its pages stay out of the BAR mmaps (mmap_areas) so that they trap.
-MSI and MSI-X changes reach the platform through on_irq_changed, which routes the vectors and hands
-their eventfds to VfioDevice.set_irq_eventfds.
+Interrupts: the platform hears MSI/MSI-X changes through on_irq_changed(fn, kind, vectors) and
+hands one eventfd per vector to VfioDevice.set_irq_eventfds; when the host signals one, it calls
+vector_fired(kind, n), which sends the guest's message through ``send`` (KVM_SIGNAL_MSI), or keeps
+it pending while the guest has it masked and sends it on unmask (PCI 3.0 §6.8), as msi.py does for
+emulated devices.
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ class MsiVector:
 
 
 IrqChanged = Callable[["VfioPciFunction", str, "list[MsiVector]"], None]
+SendMsi = Callable[[int, int], object]
+_U32 = struct.Struct("<I")
 
 
 class VfioPciFunction(PciDevice):
@@ -81,7 +86,9 @@ class VfioPciFunction(PciDevice):
         if self.msix:
             self.config.set_wmask(self.msix.cap + regs.MSIX_FLAGS, 2, MSIX_VIRTUAL)
         self.on_irq_changed: IrqChanged | None = None
+        self.send: SendMsi | None = None
         self._reported: dict[str, list[MsiVector]] = {}  # what on_irq_changed last heard, per kind
+        self._pending: set[tuple[str, int]] = set()  # fired while masked
 
     def _add_bars(self, header: bytes) -> None:
         i = 0
@@ -217,34 +224,90 @@ class VfioPciFunction(PciDevice):
         return [MsiVector(address, (data & ~(count - 1)) | v, bool(mask >> v & 1)) for v in range(count)]
 
     def _report(self, kind: str, vectors: list[MsiVector]) -> None:
-        if self._reported.get(kind, []) != vectors:
-            self._reported[kind] = vectors
-            if self.on_irq_changed is not None:
-                self.on_irq_changed(self, kind, vectors)
+        if self._reported.get(kind, []) == vectors:
+            return
+        self._reported[kind] = vectors
+        if self.on_irq_changed is not None:
+            self.on_irq_changed(self, kind, vectors)
+        for k, n in sorted(self._pending):
+            if k != kind:
+                continue
+            if n >= len(vectors):  # disabled: nothing stays pending
+                self._pending.discard((k, n))
+            elif not vectors[n].masked:
+                self._pending.discard((k, n))
+                self._send(vectors[n])
+
+    def _send(self, v: MsiVector) -> None:
+        if self.send is not None:
+            self.send(v.address, v.data)
+
+    def vector_fired(self, kind: str, n: int) -> bool:
+        """The host signalled vector ``n`` of "msi" or "msix" (its eventfd fired). False when the
+        guest has not enabled that vector (nothing is sent or kept)."""
+        with self.lock:
+            vectors = self._reported.get(kind, [])
+            if not 0 <= n < len(vectors):
+                return False
+            if vectors[n].masked:
+                self._pending.add((kind, n))
+            else:
+                self._send(vectors[n])
+            return True
+
+    def is_pending(self, kind: str, n: int) -> bool:
+        return (kind, n) in self._pending
 
     # --- trapped BAR accesses (BarRegion calls these with the lock held) ------------------------------
 
-    def _in_table(self, bar: int, offset: int, size: int) -> bool:
+    def _window(self, bar: int, offset: int, size: int) -> str | None:
+        """"table" or "pba" when the access falls in that MSI-X structure, else None."""
         m = self.msix
-        return (m is not None and bar == m.table_bar and m.table_offset <= offset
-                and offset + size <= m.table_offset + m.entries * regs.MSIX_ENTRY_SIZE)
+        if m is None:
+            return None
+        for name, b, start, length in (("table", m.table_bar, m.table_offset, m.entries * regs.MSIX_ENTRY_SIZE),
+                                       ("pba", m.pba_bar, m.pba_offset, (m.entries + 63) // 64 * 8)):
+            if b == bar and overlaps(offset, size, start, length):
+                return name
+        return None
 
     def bar_read(self, index: int, offset: int, size: int) -> bytes:
-        if self._in_table(index, offset, size):
-            start = offset - self.msix.table_offset
-            return bytes(self._msix_table[start:start + size])
+        window = self._window(index, offset, size)
+        if window == "table":
+            rel = offset - self.msix.table_offset
+            if size not in (4, 8) or rel % size or rel < 0 or rel + size > len(self._msix_table):
+                return bytes(size)
+            return bytes(self._msix_table[rel:rel + size])
+        if window == "pba":
+            rel = offset - self.msix.pba_offset
+            bits = sum(1 << n for k, n in self._pending if k == "msix")
+            pba = bits.to_bytes((self.msix.entries + 63) // 64 * 8, "little")
+            return pba[rel:rel + size] if rel >= 0 and rel + size <= len(pba) else bytes(size)
         region = self.dev.indices.rom if index == ROM_INDEX else self.dev.indices.bars[index]
         return self.dev.region_read(region, offset, size)
 
     def bar_write(self, index: int, offset: int, data) -> None:
-        if self._in_table(index, offset, len(data)):
-            start = offset - self.msix.table_offset
-            self._msix_table[start:start + len(data)] = data
-            self._msix_changed()
+        window = self._window(index, offset, len(data))
+        if window == "table":
+            self._table_write(offset - self.msix.table_offset, bytes(data))
             return
-        if index == ROM_INDEX:
+        if window == "pba" or index == ROM_INDEX:
             return  # read-only
         self.dev.region_write(self.dev.indices.bars[index], offset, bytes(data))
+
+    def _table_write(self, rel: int, raw: bytes) -> None:
+        size = len(raw)
+        if size not in (4, 8) or rel % size or rel < 0 or rel + size > len(self._msix_table):
+            return
+        for i in range(0, size, 4):
+            value = _U32.unpack_from(raw, i)[0]
+            field = (rel + i) % regs.MSIX_ENTRY_SIZE
+            if field == 0:
+                value &= 0xFFFF_FFFC  # message address is dword aligned
+            elif field == regs.MSIX_ENTRY_VECTOR_CTRL:
+                value &= regs.MSIX_ENTRY_CTRL_MASKBIT
+            _U32.pack_into(self._msix_table, rel + i, value)
+        self._msix_changed()
 
     # --- life cycle -------------------------------------------------------------------------------------
 
