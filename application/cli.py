@@ -1,7 +1,8 @@
 """`pystrato` entry point: argv -> VmConfig -> container -> build -> serve QMP until the end.
 
 Composition root (with application/container.py): the only application modules that import
-adapters. Every invalid value is refused before anything starts, with one line and exit 1.
+adapters. Every invalid value is refused before anything starts (no QMP socket, no daemon),
+with one line on stderr naming the option, and exit 1. -h/-help and -version print and exit 0.
 """
 
 from __future__ import annotations
@@ -19,14 +20,56 @@ log = logging.getLogger("pystrato")
 EXIT_OK = 0
 EXIT_USAGE = 1
 
+HELP_OPTIONS = ("-h", "-help", "--help")
+VERSION_OPTIONS = ("-version", "--version", "-V")
 
-def _die(msg: str, code: int = EXIT_USAGE) -> "NoReturn":  # noqa: F821
+USAGE = """\
+Usage: pystrato [OPTION]...
+A virtual machine monitor with StratoVirt's command line, managed over QMP.
+
+  -machine [type=]microvm|q35[,dump-guest-core=on|off][,mem-share=on|off]
+                        machine type (default microvm)
+  -accel kvm|test       KVM (the default), or the in-memory test hypervisor
+  -cpu host[,-FEATURE|,FEATURE=off]...
+                        hide host CPU features from the guest
+  -smp [cpus=]N[,maxcpus=N][,sockets=N][,dies=N][,clusters=N][,cores=N][,threads=N]
+                        vCPUs (1..254); sockets*dies*clusters*cores*threads = maxcpus
+  -m [size=]N[K|M|G]    guest RAM, 128 MiB..512 GiB (a bare N is MiB; default 256 MiB)
+  -mem-path PATH        file or directory backing guest RAM
+  -mem-prealloc         touch all guest RAM before the guest starts
+  -kernel PATH          Linux kernel (bzImage or ELF vmlinux)
+  -initrd PATH          initial ramdisk
+  -append CMDLINE       kernel command line
+  -drive file=PATH,id=ID[,readonly=on|off][,direct=on|off]
+                        a disk image for a virtio-blk device
+  -netdev tap,id=ID,ifname=NAME
+                        a tap interface for a virtio-net device
+  -device DRIVER[,PROPERTY=VALUE]...
+                        virtio-blk-device|virtio-blk-pci, virtio-net-device|virtio-net-pci,
+                        virtio-balloon-device|virtio-balloon-pci, pcie-root-port, vfio-pci,
+                        virtio-serial-device, virtconsole,chardev=ID
+  -chardev socket,id=ID,path=PATH,server,nowait | file,id=ID,path=PATH | stdio,id=ID
+                        a backend for virtconsole
+  -serial stdio|file:PATH|none
+                        the COM1 serial port
+  -qmp unix:PATH,server,nowait
+                        a QMP socket (repeatable)
+  -incoming file:DIR|tcp:HOST:PORT|unix:PATH
+                        start from a snapshot or wait for an incoming migration
+  -D [LOGFILE]          log to LOGFILE (to stderr without one)
+  -pidfile PATH         write the VMM's process id to PATH (removed at exit)
+  -daemonize            run in the background once QMP is served (needs -qmp)
+  -name NAME            the VM's name
+  -uuid UUID            the VM's UUID
+  -h, -help             print this help and exit
+  -version              print the version and exit
+"""
+
+
+def _die(msg: str) -> "NoReturn":  # noqa: F821
     sys.stderr.write(f"pystrato: {msg}\n")
     sys.stderr.flush()
-    os._exit(code) if _in_daemon_child else sys.exit(code)
-
-
-_in_daemon_child = False
+    sys.exit(EXIT_USAGE)
 
 
 def _setup_logging(logfile: str | None) -> None:
@@ -42,99 +85,86 @@ def _setup_logging(logfile: str | None) -> None:
     root.setLevel(level)
 
 
-def _check_host_files(config) -> None:
-    from application.container import host_probe
+def info_request(argv: list[str]) -> str | None:
+    """The help or version text if -h/-help/-version stands where an option does (not as the
+    value of another option), else None."""
+    from domain.cmdline import OPTIONS
 
-    probe = host_probe()
-    for opt, path in (("-kernel", config.kernel), ("-initrd", config.initrd)):
-        if path:
-            why = probe.file_usable(path, write=False)
-            if why:
-                raise ConfigError(opt, f"'{path}': {why}")
-    for d in config.drives:
-        why = probe.file_usable(d.file, write=not d.readonly)
-        if why:
-            raise ConfigError("-drive", f"id={d.id}: '{d.file}': {why}")
-    if config.incoming and config.incoming.startswith("file:"):
-        d = config.incoming[5:]
-        if not os.path.isdir(d):
-            raise ConfigError("-incoming", f"'{d}' is not a directory")
-    for path in config.qmp:
-        parent = os.path.dirname(os.path.abspath(path)) or "/"
-        if not os.path.isdir(parent):
-            raise ConfigError("-qmp", f"directory '{parent}' does not exist")
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if arg in HELP_OPTIONS:
+            return USAGE
+        if arg in VERSION_OPTIONS:
+            from domain.version import VERSION
+
+            return f"pystrato {VERSION}\n"
+        kind = OPTIONS.get(arg)
+        if kind in ("value", "repeated") or (kind == "optional value" and i < len(argv)
+                                             and not argv[i].startswith("-")):
+            i += 1
+    return None
 
 
-def _daemonize() -> int:
-    """Fork; the parent waits until the daemon serves QMP (or fails) and exits with its code.
-    Returns the write end of the readiness pipe in the daemon."""
-    global _in_daemon_child
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid > 0:
-        os.close(w)
-        data = b""
-        while True:
-            chunk = os.read(r, 4096)
-            if not chunk:
-                break
-            data += chunk
-        if data.startswith(b"OK"):
-            os._exit(EXIT_OK)
-        msg = data.decode(errors="replace").strip() or "the daemon exited before serving QMP"
-        sys.stderr.write(f"pystrato: {msg}\n")
-        os._exit(EXIT_USAGE)
-    os.close(r)
-    _in_daemon_child = True
-    os.setsid()
-    if os.fork() > 0:
-        os._exit(0)
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1):
-        os.dup2(devnull, fd)
-    return w
+def _parse(argv: list[str]):
+    from application.cli_host import check_host
+    from domain.cmdline import parse_cmdline
+
+    config = parse_cmdline(argv)
+    if config.daemonize and not config.qmp:
+        raise ConfigError("-daemonize", "needs a -qmp socket to be managed through")
+    check_host(config)
+    return config
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    from domain.cmdline import parse_cmdline
-
+    text = info_request(argv)
+    if text is not None:
+        sys.stdout.write(text)
+        return EXIT_OK
     try:
-        config = parse_cmdline(argv)
-        _check_host_files(config)
-        if config.daemonize and config.serial.backend == "stdio":
-            raise ConfigError("-daemonize", "cannot be combined with -serial stdio")
-        if not config.qmp and config.daemonize:
-            raise ConfigError("-daemonize", "needs a -qmp socket to be managed through")
+        config = _parse(argv)
     except ConfigError as e:
         _die(str(e))
 
-    ready_fd = _daemonize() if config.daemonize else None
+    from application.cli_host import PidFile, daemonize
+
+    ready_fd = daemonize(config.logfile) if config.daemonize else None
     _setup_logging(config.logfile)
-    if ready_fd is not None and config.logfile is None:
-        os.dup2(os.open(os.devnull, os.O_RDWR), 2)
-
-    from application.container import build_runtime
-
+    pidfile = None
     try:
+        pidfile = PidFile(config.pidfile) if config.pidfile else None
+        from application.container import build_runtime
+
         runtime = build_runtime(config)
-    except VmmError as e:
-        _report_startup_failure(ready_fd, str(e))
-    except OSError as e:
-        _report_startup_failure(ready_fd, f"{e.strerror or e}")
+    except (VmmError, OSError) as e:
+        return _fail_start(ready_fd, pidfile, e)
+    try:
+        return asyncio.run(_serve(runtime, ready_fd, pidfile))
+    finally:
+        if pidfile is not None:
+            pidfile.remove()
 
-    code = asyncio.run(_serve(runtime, config, ready_fd))
-    return code
 
+def _fail_start(ready_fd: int | None, pidfile, error: Exception) -> int:
+    """Clean up first, then report: a daemon's parent exits the moment it reads the reason."""
+    from application.cli_host import report_ready
 
-def _report_startup_failure(ready_fd: int | None, msg: str) -> None:
+    if pidfile is not None:
+        pidfile.remove()
+    msg = str(error) if isinstance(error, VmmError) else (getattr(error, "strerror", None) or str(error))
     if ready_fd is not None:
-        os.write(ready_fd, msg.encode())
-        os.close(ready_fd)
-    _die(msg)
+        report_ready(ready_fd, msg)  # the waiting parent prints it
+    else:
+        sys.stderr.write(f"pystrato: {msg}\n")
+    return EXIT_USAGE
 
 
-async def _serve(runtime, config, ready_fd: int | None) -> int:
+async def _serve(runtime, ready_fd: int | None, pidfile) -> int:
+    from application.cli_host import report_ready
+
     loop = asyncio.get_running_loop()
     done: asyncio.Future[int] = loop.create_future()
 
@@ -148,30 +178,14 @@ async def _serve(runtime, config, ready_fd: int | None) -> int:
         await runtime.start(loop, request_exit)
     except (VmmError, OSError) as e:
         await runtime.abort()
-        msg = str(e) if isinstance(e, VmmError) else (e.strerror or str(e))
-        if ready_fd is not None:
-            os.write(ready_fd, msg.encode())
-            os.close(ready_fd)
-        sys.stderr.write(f"pystrato: {msg}\n")
-        return EXIT_USAGE
-
-    if config.pidfile:
-        with open(config.pidfile, "w") as f:
-            f.write(f"{os.getpid()}\n")
-    if ready_fd is not None:
-        os.write(ready_fd, b"OK")
-        os.close(ready_fd)
+        return _fail_start(ready_fd, pidfile, e)
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, runtime.on_signal)
+    report_ready(ready_fd)
 
     code = await done
     await runtime.finish()
-    if config.pidfile:
-        try:
-            os.unlink(config.pidfile)
-        except OSError:
-            pass
     return code
 
 

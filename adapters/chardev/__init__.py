@@ -7,7 +7,7 @@ composition root closes every chardev (and removes its socket file) when the VM 
 from __future__ import annotations
 
 from domain.config import ChardevConfig
-from domain.errors import ConfigError
+from domain.errors import ConfigError, HostResourceError
 from domain.ports import CharBackend
 
 
@@ -16,7 +16,10 @@ class ChardevOpener:
         self._opened: list[CharBackend] = []
 
     def open(self, config: ChardevConfig) -> CharBackend:
-        backend = _open(config)
+        try:
+            backend = _open(config)
+        except HostResourceError as e:  # at start-up: a bad -chardev, named as such
+            raise ConfigError("-chardev", str(e)) from None
         self._opened.append(backend)
         return backend
 

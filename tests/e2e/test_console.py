@@ -80,8 +80,8 @@ def test_unusable_console_chardevs_are_refused_before_qmp_starts(tmp_path):
     plain = tmp_path / "plain"
     plain.write_text("not a socket")
     cases = [
-        (console(missing_dir), "chardev 'con': socket", "No such file or directory"),
-        (console(str(plain)), "chardev 'con': socket", "exists and is not a socket"),
+        (console(missing_dir), "-chardev", "does not exist"),
+        (console(str(plain)), "-chardev: chardev 'con': socket", "exists and is not a socket"),
         (["-chardev", f"socket,id=con,path={tmp_path}/c.sock", "-device", "virtio-serial-device",
           "-device", "virtconsole,id=c0,chardev=con"], "-chardev", "'server' is required"),
         (["-chardev", "pty,id=con", "-device", "virtio-serial-device",
