@@ -19,6 +19,8 @@ from typing import Callable, Protocol
 
 from domain.devices.pci import regs
 from domain.devices.pci.config import PciConfig, PciConfigError, valid_access
+from domain.devices.state import check_state
+from domain.errors import SnapshotFormatError
 
 
 @dataclass
@@ -182,6 +184,29 @@ class PciDevice:
             if overlaps(offset, size, cap.offset, cap.length):
                 start = max(offset, cap.offset)
                 cap.written(start - cap.offset, min(offset + size, cap.offset + cap.length) - start)
+
+    # --- snapshot ----------------------------------------------------------------------------------
+
+    def save_state(self) -> dict:
+        with self.lock:
+            return {"config": bytes(self.config.data)}
+
+    def restore_state(self, state: dict) -> None:
+        check_state(state, {"config": bytes})
+        with self.lock:
+            self.restore_config(state["config"])
+            self.update_mappings()
+
+    def restore_config(self, data: bytes) -> None:
+        """Take from an (untrusted) snapshot only the bits a driver can write or the device sets
+        for it to clear; identity and capabilities stay this model's own."""
+        c = self.config
+        if len(data) != c.size or bytes(data[:4]) != bytes(c.data[:4]):
+            raise SnapshotFormatError(f"{self.name or 'PCI function'}: config space does not match the device")
+        for i in range(c.size):
+            m = c.wmask[i] | c.w1cmask[i]
+            if m:
+                c.data[i] = (c.data[i] & ~m) | (data[i] & m)
 
     # --- BAR contents (the BAR regions on the MMIO bus call these) --------------------------------
 

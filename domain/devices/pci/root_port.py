@@ -185,6 +185,21 @@ class PcieRootPort(PciBridge):
         done, self._unplug_done, self._unplug_id = self._unplug_done, None, None
         return done
 
+    # --- snapshot ----------------------------------------------------------------------------------
+
+    def restore_state(self, state: dict) -> None:
+        """Presence and link follow what is in the slot here, not the snapshot; no message is
+        sent for events the guest had not cleared yet (it was told before the snapshot)."""
+        with self.lock:
+            super().restore_state(state)
+            present = self.slot_device is not None
+            sta, lnk = self.slot_status & ~regs.SLTSTA_PDS, self.link_status & ~regs.EXP_LNKSTA_DLLLA
+            self._set_reg(regs.EXP_SLTSTA, sta | (regs.SLTSTA_PDS if present else 0))
+            self._set_reg(regs.EXP_LNKSTA, lnk | (regs.EXP_LNKSTA_DLLLA if present else 0))
+            ctl = self.slot_control
+            self._irq_level = bool(ctl & regs.SLTCTL_HPIE) and any(
+                self.slot_status & ev and ctl & en for ev, en in _EVENT_ENABLES)
+
     # --- guest side ------------------------------------------------------------------------------
 
     def write_config(self, offset: int, size: int, value: int) -> None:

@@ -389,19 +389,13 @@ class VirtioPciTransport(PciDevice):
                             "driver_features_sel": int, "driver_features": int, "queue_sel": int,
                             "config_generation": int, "msix_config": int, "queue_vectors": list,
                             "msix_table": bytes, "msix_pba": bytes, "device": dict})
-        if len(state["config"]) != self.config.size or state["config"][:4] != bytes(self.config.data[:4]):
-            raise SnapshotFormatError("virtio-pci config space does not match the device")
         if (len(state["msix_table"]) != len(self.msix.table) or len(state["msix_pba"]) != len(self.msix.pba)
                 or len(state["queue_vectors"]) != len(self.queue_vectors)):
             raise SnapshotFormatError("virtio-pci MSI-X layout does not match the device")
         vectors = [check_range("queue vector", v, 0, NO_VECTOR) for v in state["queue_vectors"]]
         with self.lock:
+            self.restore_config(state["config"])
             self.device.restore_state(state["device"])
-            # Only what the driver could have written comes from the snapshot.
-            cfg = self.config
-            wm = cfg.wmask
-            for i, b in enumerate(state["config"]):
-                cfg.data[i] = (cfg.data[i] & ~wm[i]) | (b & wm[i])
             self.status = check_range("status", state["status"], 0, 0xFF)
             self.isr = check_range("isr", state["isr"], 0, 3)
             self.device_features_sel = check_range("device_features_sel", state["device_features_sel"], 0, 0xFFFF_FFFF)
