@@ -354,7 +354,6 @@ class DeviceManager:
 
     def migration_blockers(self) -> list[str]:
         out = []
-        cfg = self.config
         for att in self.attached.values():
             if att.driver in BALLOON_DRIVERS:
                 out.append(f"balloon device '{att.placement.device_id}'")
@@ -363,12 +362,8 @@ class DeviceManager:
         for n in self.netdevs._items.values():
             if n.vhost:
                 out.append(f"vhost-net netdev '{n.id}'")
-        if cfg.memory.hugepages:
-            out.append("huge page memory")
-        if cfg.memory.mem_share:
-            out.append("mem-share")
-        if cfg.memory.mem_path:
-            out.append("mem-path memory backend")
+        # Memory backends (huge pages, mem-share, mem-path) are configuration only:
+        # domain.migration's snapshot_blockers/migration_blockers name them.
         return out
 
     def save_states(self) -> dict[str, tuple[int, Any]]:

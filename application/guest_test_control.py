@@ -38,14 +38,17 @@ class GuestTestControl:
         rng = random.Random(seed)
         regions = self.vm.memory.regions
         total = sum(r.size for r in regions) // PAGE_SIZE
-        for _ in range(pages):
-            n = rng.randrange(total)
-            for r in regions:
-                if n < r.size // PAGE_SIZE:
-                    gpa = r.gpa + n * PAGE_SIZE
-                    break
-                n -= r.size // PAGE_SIZE
-            hv.guest_write(gpa, rng.randbytes(64) * (PAGE_SIZE // 64))
+        # Only a running guest writes, and never across a pause: a migration's final pass then
+        # sees every page the guest wrote before it stopped.
+        with self.vm.guest_running():
+            for _ in range(pages):
+                n = rng.randrange(total)
+                for r in regions:
+                    if n < r.size // PAGE_SIZE:
+                        gpa = r.gpa + n * PAGE_SIZE
+                        break
+                    n -= r.size // PAGE_SIZE
+                hv.guest_write(gpa, rng.randbytes(64) * (PAGE_SIZE // 64))
         return {"touched": pages}
 
     def memory_digest(self) -> dict:

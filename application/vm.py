@@ -6,9 +6,10 @@ are thin use cases over it. Implements application.migratable.MigratableVm.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from domain.config import VmConfig
 from domain.cpu_state import VcpuSetup
@@ -124,6 +125,17 @@ class VirtualMachine:
             self.lifecycle.transition(RunState.RUNNING)
             self.emit(Resumed())
             self.resume_vcpus()
+
+    @contextlib.contextmanager
+    def guest_running(self) -> Iterator[None]:
+        """Hold the lifecycle lock while the guest runs: what the fake guest does on request
+        (x-guest-touch) cannot overlap a pause (stop, or migration's final pass), just as a
+        paused guest cannot write its memory."""
+        with self._lock:
+            st = self.lifecycle.state
+            if st is not RunState.RUNNING:
+                raise InvalidStateError(f"the guest is not running (state '{st.value}')")
+            yield
 
     def pause_vcpus(self) -> None:
         stuck = [r.index for r in self.runners if not r.pause()]

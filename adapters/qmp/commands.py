@@ -98,7 +98,8 @@ NETDEV_ADD = Schema(
     opt("script", "str"),
 )
 
-MIGRATE_FLAGS = ("detach", "blk", "inc", "resume")
+# "verify" is pystrato's: the destination checks a SHA-256 of guest RAM taken at pause time.
+MIGRATE_FLAGS = ("detach", "blk", "inc", "resume", "verify")
 MIGRATE = Schema(req("uri", "str"), *(opt(flag, "bool") for flag in MIGRATE_FLAGS))
 
 DEVICE_ADD = Schema(req("driver", "str"), req("id", "str"), open=True)

@@ -714,6 +714,9 @@ class MigrationFacade:
     def migrate(self, uri: str, **extra) -> dict:
         """`migrate`: file:DIR (snapshot, synchronous) or tcp:/unix: (background)."""
         extra.pop("detach", None)  # QEMU's legacy flag: migration always runs detached
+        for flag in ("blk", "inc", "resume"):  # QEMU's flags: accepted when off
+            if extra.pop(flag, False):
+                raise InvalidArgumentError(f"migrate: '{flag}' is not supported by pystrato")
         unknown = sorted(set(extra) - {"verify"})
         if unknown:
             raise InvalidArgumentError(f"unexpected migrate argument(s): {', '.join(unknown)}")

@@ -1159,8 +1159,11 @@ def test_facade_drives_snapshot_migration_and_incoming(tmp_path, log):
     assert f.query() == {"status": "none"}
     assert f.migrate(f"file:{tmp_path}") == {}
     assert f.query() == {"status": "completed"}
-    with pytest.raises(InvalidArgumentError, match="unexpected migrate argument"):
+    with pytest.raises(InvalidArgumentError, match="'blk' is not supported"):
         f.migrate(f"file:{tmp_path}", blk=True)
+    with pytest.raises(InvalidArgumentError, match="unexpected migrate argument"):
+        f.migrate(f"file:{tmp_path}", bogus=True)
+    assert f.migrate(f"file:{tmp_path}", blk=False, inc=False, resume=False) == {}  # QEMU's flags, off
 
     dst = InTestVm(state=RunState.PRELAUNCH)
     g = MigrationFacade(dst, store=FileSnapshotStore(), channels=SocketChannelFactory(), log=log)
