@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import sys
+from typing import NoReturn
 
 from domain.errors import ConfigError, VmmError
 
@@ -66,7 +66,7 @@ A virtual machine monitor with StratoVirt's command line, managed over QMP.
 """
 
 
-def _die(msg: str) -> "NoReturn":  # noqa: F821
+def _die(msg: str) -> NoReturn:
     sys.stderr.write(f"pystrato: {msg}\n")
     sys.stderr.flush()
     sys.exit(EXIT_USAGE)

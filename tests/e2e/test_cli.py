@@ -16,6 +16,7 @@ import struct
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -29,7 +30,7 @@ TIMEOUT = 60
 
 def run(*args, timeout=TIMEOUT):
     proc = subprocess.run([*PYSTRATO, *args], cwd=ROOT, capture_output=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+                          stdin=subprocess.DEVNULL, check=False)
     return proc.returncode, proc.stdout.decode(), proc.stderr.decode()
 
 
@@ -199,7 +200,7 @@ def test_kvm_that_cannot_be_opened_is_refused(files, accel):
     cmd = " ".join([*PYSTRATO, *accel, "-kernel", kernel, "-qmp", f"unix:{files['qmp']},server,nowait"])
     script = f"mount --bind /dev/kvm /dev/kvm && mount -o remount,bind,nodev /dev/kvm && exec {cmd}"
     proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-                          cwd=ROOT, capture_output=True, timeout=TIMEOUT)
+                          cwd=ROOT, capture_output=True, timeout=TIMEOUT, check=False)
     err = proc.stderr.decode()
     if "mount" in err and "pystrato" not in err:
         pytest.skip(f"cannot make a private mount here: {err.strip()}")
@@ -254,7 +255,7 @@ def test_daemonize_serves_qmp_keeps_argv_and_cleans_up(files, daemons):
     # capture_output: run() returning at all shows the daemon kept none of our pipes.
     code, out, err = run(*args)
     assert (code, out, err) == (0, "", "")
-    pid = int(open(pidfile).read())
+    pid = int(Path(pidfile).read_text())
     daemons.append(pid)
     assert pid != os.getpid() and not process_ended(pid)
     # QMP is served the moment the parent exits 0: no retry needed.
@@ -290,14 +291,14 @@ def test_second_daemon_on_a_locked_pidfile_is_refused(files, daemons):
     pidfile = str(d / "vmm.pid")
     assert run("-accel", "test", "-daemonize", "-pidfile", pidfile,
                "-qmp", f"unix:{files['qmp']},server,nowait")[0] == 0
-    pid = int(open(pidfile).read())
+    pid = int(Path(pidfile).read_text())
     daemons.append(pid)
     code, _, err = run("-accel", "test", "-daemonize", "-pidfile", pidfile,
                        "-qmp", f"unix:{d}/other.sock,server,nowait")
     assert code == 1
     assert err.splitlines() == [f"pystrato: -pidfile: '{pidfile}' is locked by another running VMM"]
     assert not os.path.exists(d / "other.sock")
-    assert int(open(pidfile).read()) == pid  # the running daemon's file is untouched
+    assert int(Path(pidfile).read_text()) == pid  # the running daemon's file is untouched
     os.kill(pid, signal.SIGTERM)
     wait_for(lambda: process_ended(pid), "the daemon to exit")
     assert not os.path.exists(pidfile)

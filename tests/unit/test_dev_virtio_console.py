@@ -7,9 +7,13 @@ import pytest
 from domain.devices.virtio import console as c
 from domain.devices.virtio import mmio as r
 from domain.devices.virtio.console import VirtioConsole
-from domain.devices.virtio.device import COMMON_FEATURES, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX
-from domain.devices.virtio.mock import MmioDriver, MockQueue
+from domain.devices.virtio.device import (
+    COMMON_FEATURES,
+    VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+)
 from domain.devices.virtio.mmio import VirtioMmioTransport
+from domain.devices.virtio.mock import MmioDriver, MockQueue
 from domain.memory import GuestMemory
 
 RAM = 0x80000
