@@ -6,6 +6,7 @@ Every access is bounds-checked, because every guest address is hostile until pro
 
 from __future__ import annotations
 
+import bisect
 import struct
 from dataclasses import dataclass
 from typing import Iterator
@@ -47,6 +48,8 @@ class GuestMemory:
                 raise ValueError("guest RAM regions overlap")
             built.append(RamRegion(slot, gpa, len(view), view))
         self._regions = tuple(built)
+        self._starts = [r.gpa for r in built]
+        self._first = built[0] if built and built[0].gpa == 0 else None
         self._buffers = [buf for _, buf in regions]
         self.size = sum(r.size for r in built)
 
@@ -55,10 +58,17 @@ class GuestMemory:
         return self._regions
 
     def _find(self, gpa: int, length: int) -> RamRegion:
+        # Hot path (every descriptor and buffer of every virtqueue request): the low region
+        # holds almost every address, so test it first, then bisect the rest.
+        first = self._first
+        if first is not None and 0 <= gpa and 0 <= length and gpa + length <= first.end:
+            return first
         if length < 0 or gpa < 0:
             raise GuestMemoryError(f"invalid guest range {gpa:#x}+{length:#x}")
-        for r in self._regions:
-            if r.gpa <= gpa and gpa + length <= r.end:
+        i = bisect.bisect_right(self._starts, gpa) - 1
+        if i >= 0:
+            r = self._regions[i]
+            if gpa + length <= r.end:
                 return r
         raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is outside guest RAM")
 
@@ -117,4 +127,6 @@ class GuestMemory:
         for r in self._regions:
             r.view.release()
         self._regions = ()
+        self._starts = []
+        self._first = None
         self._buffers = []
