@@ -81,6 +81,10 @@ class VcpuRunner:
 
     def _park_if_requested(self) -> bool:
         """Returns False when the thread must exit."""
+        # Lock-free fast path, once per exit: the flags are set before the kick, and the kick
+        # makes the next run() return Interrupted, so a flag read stale here is seen next time.
+        if not (self._pause_requested or self._exit_requested):
+            return True
         with self._cond:
             if not (self._pause_requested or self._exit_requested):
                 return True
