@@ -18,10 +18,29 @@ from domain.devices.pci.host import CONFIG_ADDRESS_PORT, CONFIG_IO_SIZE, HostBri
 from domain.devices.virtio.mmio import ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK
 
 
-class PciRig:
+class BusAccess:
+    """A guest's loads and stores on a PIO and an MMIO bus (what a vCPU exit dispatches)."""
+
+    def __init__(self, pio: Bus, mmio: Bus):
+        self.pio = pio
+        self.mmio = mmio
+
+    def conf1(self) -> "Conf1":
+        return Conf1(self.pio)
+
+    def mmio_read(self, addr: int, size: int) -> int:
+        buf = bytearray(size)
+        if not self.mmio.read(addr, memoryview(buf)):
+            return regs.ALL_ONES.get(size, (1 << (8 * size)) - 1)
+        return int.from_bytes(buf, "little")
+
+    def mmio_write(self, addr: int, size: int, value: int) -> bool:
+        return self.mmio.write(addr, memoryview(value.to_bytes(size, "little")))
+
+
+class PciRig(BusAccess):
     def __init__(self):
-        self.pio = Bus("pio")
-        self.mmio = Bus("mmio")
+        super().__init__(Bus("pio"), Bus("mmio"))
         self.root = PciRoot()
         self.config_io = PciConfigIo(self.root)
         self.pio.insert(self.config_io, CONFIG_ADDRESS_PORT, CONFIG_IO_SIZE)
@@ -43,18 +62,6 @@ class PciRig:
     def wire(self, dev):
         dev.on_bar_moved = self.bar_moved
         return dev
-
-    def conf1(self) -> "Conf1":
-        return Conf1(self.pio)
-
-    def mmio_read(self, addr: int, size: int) -> int:
-        buf = bytearray(size)
-        if not self.mmio.read(addr, memoryview(buf)):
-            return regs.ALL_ONES.get(size, (1 << (8 * size)) - 1)
-        return int.from_bytes(buf, "little")
-
-    def mmio_write(self, addr: int, size: int, value: int) -> bool:
-        return self.mmio.write(addr, memoryview(value.to_bytes(size, "little")))
 
 
 class Conf1:
@@ -131,7 +138,7 @@ class VirtioPciDriver:
     """Linux's virtio_pci_modern, scripted: finds the capabilities, places BAR 0, enables
     decoding and MSI-X, and runs the status / feature / queue protocol through the BAR."""
 
-    def __init__(self, rig: PciRig, bus: int, devfn: int, bar_address: int | None = None):
+    def __init__(self, rig: BusAccess, bus: int, devfn: int, bar_address: int | None = None):
         self.rig, self.bus, self.devfn = rig, bus, devfn
         self.c = rig.conf1()
         self.caps: dict[int, tuple[int, int, int]] = {}  # cfg_type -> (cap offset, bar offset, length)
