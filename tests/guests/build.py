@@ -61,8 +61,6 @@ def _compiler_id(gcc: str) -> bytes:
 
 
 def _sources(name: str) -> list[Path]:
-    if name not in GUESTS:
-        raise KeyError(f"no test guest '{name}' (have: {', '.join(sorted(GUESTS))})")
     return [SRC / f for f in (*RUNTIME, *GUESTS[name])]
 
 
@@ -78,6 +76,8 @@ def _key(gcc: str, name: str) -> str:
 
 def build_guest(name: str) -> Path:
     """The ELF image of guest ``name``, built now if its sources changed since the last build."""
+    if name not in GUESTS:
+        raise KeyError(f"no test guest '{name}' (have: {', '.join(sorted(GUESTS))})")
     gcc = _gcc()
     out = BUILD / f"{name}-{_key(gcc, name)}.elf"
     if out.exists():
