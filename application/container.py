@@ -13,7 +13,7 @@ import sys
 
 from dependency_injector import containers, providers
 
-from domain.config import ACCEL_KVM, ACCEL_TEST, Q35, VmConfig
+from domain.config import ACCEL_KVM, ACCEL_TEST, VmConfig
 from domain.errors import ConfigError, HostResourceError
 from domain.lifecycle import RunState
 
@@ -342,17 +342,6 @@ def _start_stdin_reader(vm) -> None:
 def build_runtime(config: VmConfig) -> Runtime:
     container = Container()
     accel = choose_accel(config)
-    if accel == ACCEL_KVM and config.machine.type == Q35 and not _kvm_q35_ready():
-        raise ConfigError("-machine", "q35 on KVM needs the PCI emulation, which is not built yet: "
-                                      "use -machine microvm, or -accel test")
     container.accel.override(accel)
     container.hypervisor()  # opens /dev/kvm now: a missing capability fails before anything starts
     return Runtime(config, container)
-
-
-def _kvm_q35_ready() -> bool:
-    try:
-        import domain.devices.pci.root_port  # noqa: F401  (the q35 PCIe platform)
-    except ImportError:
-        return False
-    return True
