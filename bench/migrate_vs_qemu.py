@@ -1,0 +1,191 @@
+#!/usr/bin/env python3
+"""Live migration between two processes on one host (unix socket): pystrato vs QEMU.
+
+    .venv/bin/python bench/migrate_vs_qemu.py [--runs 5] [--sizes 256,1024]
+
+For 256 MiB and 1 GiB guests, mostly zero and fully written, a running source migrates to a
+destination started with `-incoming unix:PATH`. Reported, min and median over the runs:
+  total     the VMM's own total-time: QEMU's query-migrate; pystrato's source exits as soon as
+            the migration completed (the manual), so its log line "migration completed: ...
+            N ms total, M ms downtime" (the same figures query-migrate shows) is read instead;
+  downtime  the VMM's own downtime. QEMU counts from the source's stop to the end of the send;
+            pystrato from the source's pause to the destination's ACK (state applied, guest
+            running there), which is the longer definition;
+  wall      migrate sent to the destination's query-status saying running, timed by this script
+            identically for both (1 ms polling).
+
+Guests: idle (QEMU: `-M microvm -accel kvm -nodefaults`, no kernel: the firmware finds nothing to
+boot; pystrato: `-accel test`, the idle guest), so no page is dirtied during the transfer: what is
+compared is the transfer itself. Fully written RAM as in snapshot_vs_qemu.py (a prefilled file
+mapped MAP_PRIVATE on both sides). QEMU's max-bandwidth is raised from its 128 MiB/s default
+(pystrato has no throttle); downtime limit 300 ms on both (both defaults).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import (  # noqa: E402
+    Qmp,
+    fill_snapshot,
+    finish,
+    print_table,
+    pystrato_cmd,
+    pystrato_env,
+    qemu_accel,
+    qemu_binary,
+    start,
+    unlink,
+    wait_migrate,
+    wait_run_state,
+    write_pattern,
+    MIB,
+)
+
+_DONE = re.compile(r"migration completed: .* (\d+) ms total, (\d+) ms downtime")
+
+
+class Bench:
+    def __init__(self, workdir: str, accel: str):
+        self.dir = workdir
+        self.accel = accel
+        self.qemu = qemu_binary()
+        self.qaccel = qemu_accel()
+        self.env = pystrato_env(os.path.join(workdir, "pycache"))
+        self.full_tpl: dict[int, str] = {}
+        self.prefill: dict[int, str] = {}
+
+    def ours(self, size: int, name: str, *extra: str) -> tuple[list[str], str, str]:
+        sock = os.path.join(self.dir, f"{name}.sock")
+        log = os.path.join(self.dir, f"{name}.log")
+        unlink(sock, log)
+        return [*pystrato_cmd(), "-accel", self.accel, "-machine", "microvm", "-m", str(size), *extra,
+                "-D", log, "-qmp", f"unix:{sock},server,nowait"], sock, log
+
+    def theirs(self, size: int, name: str, backend: str, *extra: str) -> tuple[list[str], str]:
+        sock = os.path.join(self.dir, f"{name}.sock")
+        unlink(sock)
+        return [self.qemu, "-M", "microvm,memory-backend=mem", "-object", backend,
+                "-accel", self.qaccel, "-m", str(size), "-nodefaults", "-display", "none",
+                *extra, "-qmp", f"unix:{sock},server=on,wait=off"], sock
+
+    def prepare(self, size: int) -> None:
+        zero = os.path.join(self.dir, f"tpl-{size}-zero")
+        os.makedirs(zero, exist_ok=True)
+        cmd, sock, _ = self.ours(size, "prep")
+        p = start(cmd, env=self.env)
+        q = Qmp(sock, p)
+        q.cmd("stop")
+        q.cmd("migrate", {"uri": f"file:{zero}"})
+        finish(p, q)
+        self.full_tpl[size] = os.path.join(self.dir, f"tpl-{size}-full")
+        fill_snapshot(zero, self.full_tpl[size])
+        unlink(zero)
+        self.prefill[size] = os.path.join(self.dir, f"qemu-{size}.ram")
+        write_pattern(self.prefill[size], size * MIB)
+
+    def run_ours(self, size: int, content: str) -> tuple[float, float, float]:
+        mig = os.path.join(self.dir, "p-mig.sock")
+        unlink(mig)
+        src_extra = ["-incoming", f"file:{self.full_tpl[size]}"] if content == "full" else []
+        scmd, ssock, slog = self.ours(size, "psrc", *src_extra)
+        dcmd, dsock, _ = self.ours(size, "pdst", "-incoming", f"unix:{mig}")
+        ps, pd = start(scmd, env=self.env), start(dcmd, env=self.env)
+        qs, qd = Qmp(ssock, ps), Qmp(dsock, pd)
+        try:
+            wait_run_state(qs, {"running"})
+            digest = qs.cmd("x-query-memory-digest")["sha256"] if self.accel == "test" else ""
+            t0 = time.perf_counter()
+            qs.cmd("migrate", {"uri": f"unix:{mig}"})
+            wait_run_state(qd, {"running"})
+            wall = time.perf_counter() - t0
+            if ps.wait(60) != 0:
+                raise RuntimeError("pystrato source did not exit 0 after the migration")
+            with open(slog) as f:
+                m = _DONE.search(f.read())
+            if m is None:
+                raise RuntimeError("pystrato source logged no completed migration")
+            if self.accel == "test" and qd.cmd("x-query-memory-digest")["sha256"] != digest:
+                raise RuntimeError("pystrato destination memory differs from the source's")
+            return int(m.group(1)) / 1000, int(m.group(2)) / 1000, wall
+        finally:
+            finish(ps, None, 5)
+            finish(pd, qd)
+            qs.close()
+
+    def run_qemu(self, size: int, content: str) -> tuple[float, float, float]:
+        mig = os.path.join(self.dir, "q-mig.sock")
+        unlink(mig)
+        if content == "full":
+            src_mem = f"memory-backend-file,id=mem,size={size}M,mem-path={self.prefill[size]},share=off"
+        else:
+            src_mem = f"memory-backend-ram,id=mem,size={size}M"
+        scmd, ssock = self.theirs(size, "qsrc", src_mem)
+        dcmd, dsock = self.theirs(size, "qdst", f"memory-backend-ram,id=mem,size={size}M",
+                                  "-incoming", f"unix:{mig}")
+        ps, pd = start(scmd), start(dcmd)
+        qs, qd = Qmp(ssock, ps), Qmp(dsock, pd)
+        try:
+            wait_run_state(qs, {"running"})
+            qs.cmd("migrate-set-parameters", {"max-bandwidth": 1 << 40})
+            while not os.path.exists(mig):  # the destination listens once its monitor is up
+                time.sleep(0.001)
+            t0 = time.perf_counter()
+            qs.cmd("migrate", {"uri": f"unix:{mig}"})
+            wait_run_state(qd, {"running"})
+            wall = time.perf_counter() - t0
+            info = wait_migrate(qs)
+            return info["total-time"] / 1000, info["downtime"] / 1000, wall
+        finally:
+            finish(ps, qs)
+            finish(pd, qd)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--sizes", default="256,1024", help="guest sizes in MiB")
+    ap.add_argument("--dir", default=None, help="scratch directory (default: new dir under /tmp)")
+    ap.add_argument("--accel", default="test", help="pystrato's -accel (test or kvm)")
+    a = ap.parse_args()
+    sizes = [int(s) for s in a.sizes.split(",")]
+    workdir = tempfile.mkdtemp(prefix="pystrato-migbench-", dir=a.dir or "/tmp")
+    b = Bench(workdir, a.accel)
+    cases = [(s, c) for s in sizes for c in ("zero", "full")]
+    res = {k: {m: [] for m in ("pt", "pd", "pw", "qt", "qd", "qw")} for k in cases}
+    try:
+        for s in sizes:
+            b.prepare(s)
+        for _ in range(2):  # warm-up, not measured
+            b.run_ours(sizes[0], "zero")
+            b.run_qemu(sizes[0], "zero")
+        for run in range(a.runs):
+            for size, content in cases:
+                r = res[(size, content)]
+                for k, v in zip(("pt", "pd", "pw"), b.run_ours(size, content)):
+                    r[k].append(v)
+                for k, v in zip(("qt", "qd", "qw"), b.run_qemu(size, content)):
+                    r[k].append(v)
+            print(f"run {run + 1}/{a.runs} done", file=sys.stderr)
+    finally:
+        unlink(workdir)
+    label = {"zero": "mostly zero", "full": "fully written"}
+    size_s = {256: "256 MiB", 1024: "1 GiB"}
+    names = [(s, c, f"{size_s.get(s, f'{s} MiB')} {label[c]}") for s, c in cases]
+    print(f"pystrato (-accel {a.accel}) vs {os.path.basename(b.qemu)} (-M microvm -accel {b.qaccel}), "
+          "unix socket, idle guests")
+    print_table("Live migration: total time (VMM-reported)", [(n, res[(s, c)]["pt"], res[(s, c)]["qt"]) for s, c, n in names], a.runs)
+    print_table("Live migration: downtime (VMM-reported)", [(n, res[(s, c)]["pd"], res[(s, c)]["qd"]) for s, c, n in names], a.runs)
+    print_table("Live migration: migrate to destination running (wall)", [(n, res[(s, c)]["pw"], res[(s, c)]["qw"]) for s, c, n in names], a.runs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
