@@ -2,7 +2,7 @@
 Express hierarchy through 0xCF8/0xCFC, binds virtio-blk to a virtio-pci disk on pcie.0, and its
 pciehp driver handles a virtio-blk-pci disk hot-plugged into a root port; device_del presses the
 attention button and DEVICE_DELETED follows once the guest powered the slot off (the manual's
-q35 order: the return first, the event after). The kernel needs ~2 minutes to get there under
+q35 order: the return first, the event after); its virtio-balloon driver inflates to a target. The kernel needs ~2 minutes to get there under
 kvm-pvm, so the test is slow.
 """
 
@@ -73,6 +73,7 @@ def test_linux_enumerates_q35_and_hot_plugs_through_pciehp(tmp_path, linux_guest
             "-device", "pcie-root-port,id=pcie.1,port=0x1,bus=pcie.0,addr=0x2",
             "-drive", f"file={boot},id=boot,readonly=off,direct=off",
             "-device", "virtio-blk-pci,id=boot,drive=boot,bus=pcie.0,addr=0x3",
+            "-device", "virtio-balloon-pci,id=balloon0,bus=pcie.0,addr=0x4",
             "-serial", f"file:{serial_path}", "-qmp", f"unix:{sock},server,nowait"]
     with open(tmp_path / "stderr", "wb") as err:
         proc = subprocess.Popen(args, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=err, stderr=err)
@@ -84,7 +85,7 @@ def test_linux_enumerates_q35_and_hot_plugs_through_pciehp(tmp_path, linux_guest
         serial.wait(r"pci 0000:00:03\.0: \[1af4:1042\] type 00", 60, pos)
         serial.wait(r"pci 0000:00:02\.0: PCI bridge to \[bus 01\]", 60, pos)
         serial.wait(r"pcieport 0000:00:02\.0: pciehp: Slot #1 AttnBtn\+ PwrCtrl\+ .*HotPlug\+", BOOT_TIMEOUT, pos)
-        _, pos = serial.wait(r"virtio_blk virtio0: \[vda\] 16384 512-byte logical blocks", BOOT_TIMEOUT, pos)
+        _, pos = serial.wait(r"virtio_blk virtio\d+: \[vda\] 16384 512-byte logical blocks", BOOT_TIMEOUT, pos)
 
         qmp = RawQmp(str(sock), timeout=30)
         assert qmp.cmd("blockdev-add", {"node-name": "drive-0", "file": {"driver": "file", "filename": str(hot)},
@@ -93,7 +94,7 @@ def test_linux_enumerates_q35_and_hot_plugs_through_pciehp(tmp_path, linux_guest
                                       "addr": "0x0", "bus": "pcie.1"}) == [{"return": {}}]
         _, pos = serial.wait(r"pciehp: Slot\(1\): (Card present|Link Up)", 120, pos)
         serial.wait(r"pci 0000:01:00\.0: \[1af4:1042\] type 00", 120, pos)
-        _, pos = serial.wait(r"virtio_blk virtio1: \[vdb\] 32768 512-byte logical blocks", 120, pos)
+        _, pos = serial.wait(r"virtio_blk virtio\d+: \[vdb\] 32768 512-byte logical blocks", 120, pos)
 
         # Unplug: the reply comes first; the event only once the guest has let go of the slot.
         assert qmp.cmd("device_del", {"id": "drive-0"}) == [{"return": {}}]
@@ -110,6 +111,15 @@ def test_linux_enumerates_q35_and_hot_plugs_through_pciehp(tmp_path, linux_guest
                                       "addr": "0x0", "bus": "pcie.1"}) == [{"return": {}}]
         serial.wait(r"virtio_blk virtio\d: \[vd\w\] 32768 512-byte logical blocks", 120, pressed)
         assert "Card not present" not in serial.text()  # the removal was orderly, not a surprise
+
+        # virtio-balloon-pci with the guest's own driver: config change by MSI-X, inflation
+        # through its queue, 'actual' written back.
+        target = 200 << 20
+        assert qmp.cmd("balloon", {"value": target})[-1] == {"return": {}}
+        deadline = time.monotonic() + 300
+        while qmp.cmd("query-balloon")[-1]["return"]["actual"] != target:
+            assert time.monotonic() < deadline, qmp.cmd("query-balloon")
+            time.sleep(1)
 
         assert qmp.cmd("quit")[-1] == {"return": {}}
         assert proc.wait(30) == 0
