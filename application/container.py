@@ -181,7 +181,7 @@ class Runtime:
             emit=self.events.emit, read_file=_read_file,
             discard=getattr(c.allocator(), "discard", None), chardevs=c.chardev_opener(),
             # VFIO maps guest RAM for device DMA: the lambda reads it once realize() allocated it.
-            vfio=_vfio_manager(lambda: devices.memory))
+            vfio=_Lazy(lambda: _vfio_manager(lambda: devices.memory)))
         self.vm = VirtualMachine(cfg, hypervisor=c.hypervisor(), allocator=c.allocator(),
                                  events=self.events, devices=devices,
                                  request_exit=self._request_exit, memory_file=memory_file)

@@ -66,6 +66,19 @@ class MmapAllocator:
             os.close(fd)
         return maps
 
+    def discard(self, memory: GuestMemory, gpa: int, length: int) -> None:
+        """Give the host memory behind [gpa, gpa+length) back (the balloon took those pages):
+        MADV_DONTNEED, after which the guest reads zeros (or the snapshot file's bytes)."""
+        maps = self._maps.get(memory)
+        if maps is None or length <= 0:
+            return
+        for region, m in zip(memory.regions, maps):
+            # Only whole pages inside the range: a partial page may hold live data.
+            start = -(-max(gpa, region.gpa) // PAGE_SIZE) * PAGE_SIZE
+            end = min(gpa + length, region.end) // PAGE_SIZE * PAGE_SIZE
+            if start < end:
+                m.madvise(mmap.MADV_DONTNEED, start - region.gpa, end - start)
+
     def free(self, memory: GuestMemory) -> None:
         """Drop the views, then unmap. A mapping still pinned elsewhere (a VM not yet closed)
         raises HostResourceError; the rest are unmapped anyway, and free() may be called again."""

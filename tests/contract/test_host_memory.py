@@ -101,3 +101,17 @@ def test_kvm_pins_memory_until_the_vm_is_closed():
 
 
 test_kvm_pins_memory_until_the_vm_is_closed = pytest.mark.kvm(test_kvm_pins_memory_until_the_vm_is_closed)
+
+
+def test_discard_returns_whole_pages_only():
+    from adapters.host.memory import MmapAllocator
+
+    a = MmapAllocator()
+    m = a.allocate([(0, 1 << 20)])
+    m.write(0x2000, b"x" * 0x2000)
+    a.discard(m, 0x2000, 0x1000)  # the balloon's page at 0x2000
+    assert m.read(0x2000, 0x1000) == bytes(0x1000)
+    assert m.read(0x3000, 1) == b"x"
+    a.discard(m, 0x3800, 0x1000)  # no whole page in range: nothing is lost
+    assert m.read(0x3000, 0x1000) == b"x" * 0x1000
+    a.free(m)
