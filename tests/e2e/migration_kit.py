@@ -40,7 +40,7 @@ class Vmm:
         if wait:
             self.wait_ready()
 
-    def wait_ready(self, timeout: float = 30.0) -> None:
+    def wait_ready(self, timeout: float = 60.0) -> None:
         """Wait for the QMP greeting, not just the socket file: the greeting is sent only
         once start-up is over (e.g. an -incoming listener is bound)."""
         deadline = time.monotonic() + timeout
@@ -59,7 +59,7 @@ class Vmm:
         c.execute("qmp_capabilities")
         return c
 
-    def wait(self, timeout: float = 30.0) -> int:
+    def wait(self, timeout: float = 60.0) -> int:
         return self.proc.wait(timeout)
 
     def stderr(self) -> str:

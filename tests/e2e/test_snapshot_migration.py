@@ -205,6 +205,37 @@ def test_snapshot_then_restore(work, machine):
     assert src.wait() == 0
 
 
+def test_restored_vm_snapshots_over_its_own_template(work):
+    """The template a VM runs from is replaced, not rewritten: the running VM keeps its pages,
+    and the new snapshot restores to what that VM had."""
+    snap = os.path.join(work.dir, "template")
+    src = work("src", MICROVM)
+    first = asyncio.run(take_snapshot(src, snap, [(2000, 1)]))
+    src.kill()
+    vm = work("vm", [*MICROVM, "-incoming", f"file:{snap}"])
+
+    async def resnapshot():
+        async with qmp_session(vm) as q:
+            assert await digest(q) == first
+            await q.execute("x-guest-touch", {"pages": 2000, "seed": 2})
+        second = await take_snapshot(vm, snap)
+        async with qmp_session(vm) as q:
+            assert await digest(q) == second != first
+            await q.execute("cont")
+            await q.execute("x-guest-touch", {"pages": 10, "seed": 3})
+        return second
+
+    second = asyncio.run(resnapshot())
+    again = work("again", [*MICROVM, "-incoming", f"file:{snap}"])
+
+    async def check():
+        async with qmp_session(again) as q:
+            assert await q.execute("query-status") == STATUS_RUNNING
+            assert await digest(q) == second
+
+    asyncio.run(check())
+
+
 def test_five_vms_from_one_template_at_once(work):
     snap = os.path.join(work.dir, "template")
     src = work("src", MICROVM)
@@ -214,7 +245,7 @@ def test_five_vms_from_one_template_at_once(work):
 
     vms = [work(f"vm{i}", [*MICROVM, "-incoming", f"file:{snap}"], wait=False) for i in range(5)]
     for v in vms:
-        v.wait_ready()
+        v.wait_ready(timeout=180)  # five interpreters starting at once on a small, busy host
 
     async def check():
         digests = []
@@ -348,6 +379,11 @@ def test_cancel_mid_transfer(work):
                 await asyncio.sleep(0.05)
                 info = await q.execute("query-migrate")
             assert info["status"] == "active", info
+            assert {"total-time", "setup-time", "expected-downtime", "ram"} <= set(info)
+            assert {"total", "transferred", "remaining", "duplicate", "normal", "mbps",
+                    "dirty-pages-rate", "dirty-sync-count"} <= set(info["ram"])
+            with pytest.raises(ExecuteError, match="already in progress"):
+                await q.execute("migrate", {"uri": uri})
             assert await q.execute("migrate_cancel") == {}
             info = await wait_status(q)
             assert info["status"] == "cancelled", info
@@ -379,6 +415,35 @@ def test_cancel_mid_transfer(work):
     got = asyncio.run(again())
     assert src.wait(60) == 0
     assert got == replay_digest(work.dir, BIG_MICROVM, pre + toucher.applied)
+
+
+def test_destination_killed_mid_transfer(work):
+    """A lost connection (the destination host dies) ends in failed; the source runs on."""
+    uri = incoming_uri("tcp", work.dir)
+    src = work("src", BIG_MICROVM)
+    dst = work("dst", [*BIG_MICROVM, "-incoming", uri])
+
+    async def run():
+        async with qmp_session(src) as q:
+            for seed in (1, 2):
+                await q.execute("x-guest-touch", {"pages": 30000, "seed": seed})
+            before = await digest(q)
+            assert await q.execute("migrate", {"uri": uri}) == {}
+            info = await wait_status(q, done=("active",))
+            while info["status"] == "active" and info["ram"]["transferred"] < 16 * MIB:
+                await asyncio.sleep(0.02)
+                info = await q.execute("query-migrate")
+            assert info["status"] == "active", info
+            dst.kill()
+            info = await wait_status(q)
+            assert info["status"] == "failed", info
+            assert "connection" in info["error-desc"], info
+            assert await q.execute("query-status") == STATUS_RUNNING
+            assert await digest(q) == before
+            await q.execute("x-guest-touch", {"pages": 10, "seed": 3})  # still a live guest
+
+    asyncio.run(run())
+    assert "the VM keeps running here" in src.log()
 
 
 def test_paused_vm_migrates_and_stays_paused(work):
@@ -413,6 +478,8 @@ def test_migration_to_nowhere_fails_and_the_source_runs_on(work):
     async def run():
         async with qmp_session(src) as q:
             before = await digest(q)
+            assert await q.execute("migrate_cancel") == {}  # nothing to cancel
+            assert await q.execute("query-migrate") == {"status": "none"}
             assert await q.execute("migrate", {"uri": f"unix:{work.dir}/nobody.sock"}) == {}
             info = await wait_status(q)
             assert info["status"] == "failed" and "cannot connect" in info["error-desc"]
