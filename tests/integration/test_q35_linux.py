@@ -8,10 +8,12 @@ kvm-pvm, so the test is slow.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -127,3 +129,61 @@ def test_linux_enumerates_q35_and_hot_plugs_through_pciehp(tmp_path, linux_guest
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+_PING = r"""
+import socket, struct, sys
+def csum(b):
+    if len(b) % 2: b += b"\0"
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b)); s = (s >> 16) + (s & 0xffff); s += s >> 16
+    return ~s & 0xffff
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP); s.settimeout(20)
+data = b"pystrato-virtio-net-pci"
+hdr = struct.pack("!BBHHH", 8, 0, 0, 0x5053, 1)
+s.sendto(struct.pack("!BBHHH", 8, 0, csum(hdr + data), 0x5053, 1) + data, (sys.argv[1], 0))
+while True:
+    r, _ = s.recvfrom(2048)
+    icmp = r[(r[0] & 15) * 4:]
+    if icmp[0] == 0 and icmp[4:6] == b"\x50\x53":
+        print("REPLY", icmp[8:] == data); break
+"""
+
+
+@pytest.mark.net
+def test_linux_virtio_net_pci_answers_ping_from_the_host(tmp_path, linux_guest):
+    """virtio-net-pci on pcie.0 with the guest's own driver: the guest script brings eth0 up and
+    the kernel answers an ICMP echo sent from the host side of the tap (its own netns)."""
+    if not os.path.exists("/dev/net/tun") or os.geteuid() != 0:
+        pytest.skip("needs root and /dev/net/tun")
+    ns = f"pystrato-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    proc = None
+    try:
+        for cmd in (["ip", "tuntap", "add", "tap0", "mode", "tap"], ["ip", "addr", "add", "10.0.7.1/24", "dev", "tap0"],
+                    ["ip", "link", "set", "tap0", "up"]):
+            subprocess.run(["ip", "netns", "exec", ns, *cmd], check=True)
+        sock = tmp_path / "qmp.sock"
+        serial_path = tmp_path / "serial.log"
+        append = (linux_guest / "cmdline").read_text().strip() + " pystrato.ip=10.0.7.2/24"
+        args = ["ip", "netns", "exec", ns, sys.executable, "-m", "application.cli", "-accel", "kvm",
+                "-machine", "q35", "-smp", "1", "-m", "256", "-kernel", str(linux_guest / "vmlinux"),
+                "-initrd", str(linux_guest / "initramfs.cpio.gz"), "-append", append,
+                "-netdev", "tap,id=n0,ifname=tap0",
+                "-device", "virtio-net-pci,id=n0,netdev=n0,bus=pcie.0,addr=0x5,mac=52:54:00:12:34:56",
+                "-serial", f"file:{serial_path}", "-qmp", f"unix:{sock},server,nowait"]
+        with open(tmp_path / "stderr", "wb") as err:
+            proc = subprocess.Popen(args, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=err, stderr=err)
+        serial = Serial(serial_path, proc)
+        serial.wait(r"pci 0000:00:05\.0: \[1af4:1041\] type 00 class 0x020000", BOOT_TIMEOUT)
+        serial.wait(r"PYSTRATO-IP-OK 10\.0\.7\.2/24", BOOT_TIMEOUT)
+        out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", _PING, "10.0.7.2"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+        assert "REPLY True" in out.stdout, out.stdout
+        qmp = RawQmp(str(sock), timeout=30)
+        assert qmp.cmd("quit")[-1] == {"return": {}}
+        assert proc.wait(30) == 0
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        subprocess.run(["ip", "netns", "del", ns], check=False)
