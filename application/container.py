@@ -280,10 +280,14 @@ class _Lazy:
     def built(self) -> bool:
         return self._target is not None
 
-    def __getattr__(self, name):
+    @property
+    def target(self):
         if self._target is None:
             self._target = self._factory()
-        return getattr(self._target, name)
+        return self._target
+
+    def __getattr__(self, name):
+        return getattr(self.target, name)
 
 
 def _read_file(path: str) -> bytes:
