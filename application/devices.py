@@ -304,6 +304,11 @@ class DeviceManager:
                 return True
             if p.bus == "pcie.0":
                 raise InvalidArgumentError(f"device '{dev_id}' is on pcie.0: only devices in a root port can be hot-unplugged")
+            # The test hypervisor's fake guest answers for itself; on KVM the q35 machine asks the
+            # real guest through the root port (application.pci.PciPlatform).
+            agent = self._agent if self._agent is not None else getattr(self.platform, "unplug_agent", None)
+            if agent is None:
+                raise DeviceNotActiveError("the guest has no PCIe hot-unplug support on this machine")
             self.topology.mark_pending_removal(dev_id)
 
         def acked():
@@ -312,12 +317,12 @@ class DeviceManager:
             if on_deleted:
                 on_deleted()
 
-        # The test hypervisor's fake guest answers for itself; on KVM the q35 machine asks the
-        # real guest through the root port (application.pci.PciPlatform).
-        agent = self._agent if self._agent is not None else getattr(self.platform, "unplug_agent", None)
-        if agent is None:
-            raise DeviceNotActiveError("the guest has no PCIe hot-unplug support on this machine")
-        agent.request_unplug(dev_id, acked)
+        try:
+            agent.request_unplug(dev_id, acked)
+        except BaseException:
+            # Refused before the guest was asked: the device stays, and a retry is allowed.
+            self.topology.get(dev_id).pending_removal = False
+            raise
         return False
 
     def _finish_removal(self, att: Attached, *, release_backend: bool) -> None:
