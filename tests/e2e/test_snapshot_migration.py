@@ -293,7 +293,8 @@ async def migrate_while_touching(src: Vmm, uri: str, toucher: Toucher, size: int
     seen: list[dict] = []
 
     def shape_load(info: dict) -> None:
-        if info["status"] == "active" and info["ram"]["dirty-sync-count"] >= 1:
+        # dirty-sync-count 2: the first dirty round was sent, the next one is being read.
+        if info["status"] == "active" and info["ram"]["dirty-sync-count"] >= 2:
             toucher.pages = light_pages
 
     async with qmp_session(src, "source") as q:
@@ -329,8 +330,8 @@ def test_live_migration_with_a_guest_dirtying_memory(work, transport, machine):
                 await q.execute("x-guest-touch", {"pages": pages, "seed": seed})
 
     asyncio.run(prepare())
-    toucher = Toucher(src, pages=1000, interval=0.01)
-    seen = asyncio.run(migrate_while_touching(src, uri, toucher, 512 * MIB, light_pages=50))
+    toucher = Toucher(src, pages=2000)
+    seen = asyncio.run(migrate_while_touching(src, uri, toucher, 512 * MIB, light_pages=20))
     assert src.wait(60) == 0, src.stderr()
     toucher.stop()
     # The guest kept writing during the transfer, and could not once the source paused.
@@ -340,10 +341,12 @@ def test_live_migration_with_a_guest_dirtying_memory(work, transport, machine):
     assert active and max(s["ram"]["dirty-sync-count"] for s in active) >= 1  # dirty rounds ran
     assert max(s["ram"]["transferred"] for s in active) > 0
     log = src.log()
-    assert "migration: round" in log  # progress in the log during the transfer
+    done = re.search(r"migration completed: \d+ MiB sent in (\d+) rounds, (\d+) ms total", log)
+    assert done, log
     # The full pass, at least one round of dirty pages sent while the guest ran, the final pass.
-    rounds = re.search(r"migration completed: \d+ MiB sent in (\d+) rounds", log)
-    assert rounds and int(rounds.group(1)) >= 3, log
+    assert int(done.group(1)) >= 3, log
+    if int(done.group(2)) >= 2000:  # the log shows progress once a second
+        assert "migration: round" in log, log
 
     async def on_destination():
         async with qmp_session(dst) as q:
