@@ -1,10 +1,10 @@
 """The x86_64 machine: platform devices, virtio-mmio slots, interrupts and the Linux boot.
 
-microvm: COM1 16550 (0x3f8, IRQ 4), i8042 (0x60/0x64, reset), then the replaceable virtio-mmio
-slots (6 virtio-blk, 2 virtio-net) and any other virtio device (balloon), each a 4 KiB window
-from VIRTIO_MMIO_BASE with its own IRQ from 5, announced to the guest on its command line.
-Queue notifies reach devices through ioeventfds and interrupts leave through irqfds, so the
-vCPU threads never carry virtio work.
+microvm: COM1 16550 (0x3f8, IRQ 4), i8042 (0x60/0x64, reset), CMOS RTC (0x70/0x71), then the
+replaceable virtio-mmio slots (6 virtio-blk, 2 virtio-net) and any other virtio device (balloon),
+each a 4 KiB window from VIRTIO_MMIO_BASE with its own IRQ from 5, announced to the guest on its
+command line. Queue notifies reach devices through ioeventfds and interrupts leave through
+irqfds, so the vCPU threads never carry virtio work.
 
 q35: PCI Express (application/pci.py over domain/devices/pci): the root complex on 0xCF8/0xCFC
 and ECAM, the command line's root ports with native hot-plug, and virtio-pci functions whose
@@ -14,12 +14,14 @@ notifies reach ioeventfds and whose MSI-X messages leave through KVM_SIGNAL_MSI.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from domain.boot import layout
 from domain.boot.linux import setup_linux_boot
 from domain.config import MICROVM, MICROVM_MAX_BLK, MICROVM_MAX_NET
+from domain.devices import rtc
 from domain.devices.i8042 import I8042
 from domain.devices.serial import Serial
 from domain.devices.virtio.balloon import VirtioBalloon
@@ -59,6 +61,7 @@ class Platform:
         self._console_write = console_write
         self.serial: Serial | None = None
         self.i8042: I8042 | None = None
+        self.rtc: rtc.CmosRtc | None = None
         self.slots: dict[str, Slot] = {}
         self._next_window = 0
         self._rx_watched: dict[int, bool] = {}
@@ -83,6 +86,9 @@ class Platform:
         self.dm.pio.insert(self.serial, layout.SERIAL_PORT_BASE, layout.SERIAL_PORT_SIZE)
         self.i8042 = I8042(reset=self.vm._guest_reset)
         self.dm.pio.insert(self.i8042, layout.I8042_PORT_BASE, layout.I8042_PORT_SIZE)
+        # CMOS clock: without it Linux polls the empty ports ~20000 times before giving up.
+        self.rtc = rtc.CmosRtc(time.time)
+        self.dm.pio.insert(self.rtc, rtc.PORT_BASE, rtc.PORT_SIZE)
         if self.config.machine.type == MICROVM:
             for i in range(MICROVM_MAX_BLK):
                 self._new_slot(f"{BLK}.{i}", SLOT_QUEUES[BLK])
@@ -300,6 +306,7 @@ class Platform:
         out: dict[str, tuple[int, Any]] = {
             "serial": (STATE_VERSION, self.serial.save_state()),
             "i8042": (STATE_VERSION, self.i8042.save_state()),
+            "rtc": (STATE_VERSION, self.rtc.save_state()),
         }
         for name, slot in self.slots.items():
             out[f"mmio.{name}"] = (STATE_VERSION, slot.transport.save_state())
@@ -308,7 +315,7 @@ class Platform:
         return out
 
     def restore_states(self, states: dict[str, tuple[int, Any]]) -> None:
-        want = {"serial", "i8042"} | {f"mmio.{n}" for n in self.slots}
+        want = {"serial", "i8042", "rtc"} | {f"mmio.{n}" for n in self.slots}
         if self.pci is not None:
             want |= self.pci.state_names()
         missing = sorted(want - states.keys())
@@ -322,6 +329,7 @@ class Platform:
                 raise SnapshotFormatError(f"device state '{name}' has version {version}, expected {STATE_VERSION}")
         self.serial.restore_state(states["serial"][1])
         self.i8042.restore_state(states["i8042"][1])
+        self.rtc.restore_state(states["rtc"][1])
         for name, slot in self.slots.items():
             slot.transport.restore_state(states[f"mmio.{name}"][1])
         if self.pci is not None:
