@@ -138,3 +138,17 @@ def test_ncat_as_the_manual_types_it(vmm):
     assert msgs[4]["return"] == {"running": True, "singlestep": False, "status": "paused"}
     assert r.stdout.count(b"\r\n") == len(lines)  # QMP lines end with CRLF
     assert p.wait() == 0
+
+
+def test_qmp_shell(vmm):
+    """qemu.qmp's qmp-shell, typed at as a person would."""
+    import sys
+    from pathlib import Path
+
+    p = vmm(*MICROVM)
+    shell = Path(sys.executable).parent / "qmp-shell"
+    r = subprocess.run([str(shell), p.sock], input=b"query-status\nstop\nquery-status\ncont\n",
+                       capture_output=True, timeout=30)
+    out = r.stdout.decode()
+    assert "Connected to QEMU 5.0.1" in out
+    assert '"status": "running"' in out and '"status": "paused"' in out
