@@ -24,10 +24,10 @@ from domain.devices.pci import regs
 from domain.devices.pci.device import PciDevice, overlaps
 from domain.devices.pci.msi import MsixCapability, SendMsi
 from domain.devices.state import check_range, check_state
-from domain.devices.virtio.device import VIRTIO_F_VERSION_1, VirtioDevice
-from domain.devices.virtio.mmio import (ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FAILED,
-                                        FEATURES_OK, INT_CONFIG, INT_USED_RING)
-from domain.devices.virtio.queue import VirtioQueueError
+from domain.devices.virtio.device import VirtioDevice
+from domain.devices.virtio.mmio import INT_CONFIG, INT_USED_RING
+from domain.devices.virtio.status import (DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FAILED, FEATURES_OK,
+                                          VirtioStatusMixin)
 from domain.errors import SnapshotFormatError
 
 # Capability cfg_type values (virtio 1.1 §4.1.4)
@@ -74,13 +74,11 @@ _FIELD_SIZES = {DFSELECT: 4, DF: 4, GFSELECT: 4, GF: 4, MSIX_CONFIG: 2, NUM_QUEU
                 Q_DESCLO: 4, Q_DESCHI: 4, Q_AVAILLO: 4, Q_AVAILHI: 4, Q_USEDLO: 4, Q_USEDHI: 4}
 _QUEUE_ADDRS = {Q_DESCLO: ("desc_addr", 0), Q_DESCHI: ("desc_addr", 32), Q_AVAILLO: ("avail_addr", 0),
                 Q_AVAILHI: ("avail_addr", 32), Q_USEDLO: ("used_addr", 0), Q_USEDHI: ("used_addr", 32)}
-_STATUS_STEPS = (ACKNOWLEDGE, ACKNOWLEDGE | DRIVER, ACKNOWLEDGE | DRIVER | FEATURES_OK,
-                 ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK)
 
 _CLASS = {1: regs.CLASS_NETWORK_ETHERNET, 2: regs.CLASS_STORAGE_SCSI}
 
 
-class VirtioPciTransport(PciDevice):
+class VirtioPciTransport(VirtioStatusMixin, PciDevice):
     def __init__(self, device: VirtioDevice, send_msi: SendMsi, *, name: str = "",
                  on_activate: Callable[["VirtioPciTransport"], object] | None = None):
         vid = device.device_id
@@ -258,18 +256,13 @@ class VirtioPciTransport(PciDevice):
     def _vector(self, value: int) -> int:
         return value if value < self.msix.vectors else NO_VECTOR
 
-    def _status_is(self, must_have: int, must_not_have: int) -> bool:
-        return self.status & must_have == must_have and not self.status & must_not_have
-
     def _common_write(self, rel: int, value: int) -> None:
         if rel == DFSELECT:
             self.device_features_sel = value
         elif rel == GFSELECT:
             self.driver_features_sel = value
         elif rel == GF:
-            if self._status_is(DRIVER, FEATURES_OK | FAILED) and self.driver_features_sel < 2:
-                shift = 32 * self.driver_features_sel
-                self.driver_features = (self.driver_features & ~(0xFFFF_FFFF << shift)) | (value << shift)
+            self._write_driver_features(value)
         elif rel == MSIX_CONFIG:
             self.msix_config = self._vector(value)
         elif rel == DEVICE_STATUS:
@@ -297,42 +290,6 @@ class VirtioPciTransport(PciDevice):
             name, shift = _QUEUE_ADDRS[rel]
             keep = getattr(q, name) & ~(0xFFFF_FFFF << shift)
             setattr(q, name, keep | (value << shift))
-
-    def _write_status(self, value: int) -> None:
-        if value == 0:
-            self.reset()
-            return
-        if value & FAILED:
-            self.status |= FAILED
-            return
-        keep = self.status & DEVICE_NEEDS_RESET
-        cur = self.status & ~DEVICE_NEEDS_RESET
-        new = value & ~DEVICE_NEEDS_RESET
-        if new not in _STATUS_STEPS or new & cur != cur:
-            return  # out of order or clearing bits: ignored
-        added = new & ~cur
-        if added & FEATURES_OK and not self._accept_features():
-            return  # FEATURES_OK stays clear: the driver gives up (virtio 1.1 §3.1.1)
-        self.status = new | keep
-        if added & DRIVER_OK:
-            self._activate()
-
-    def _accept_features(self) -> bool:
-        dev, feats = self.device, self.driver_features
-        if feats & ~dev.avail_features or not feats & VIRTIO_F_VERSION_1:
-            return False
-        dev.acked_features = feats
-        return True
-
-    def _activate(self) -> None:
-        try:
-            self.device.activate()
-        except VirtioQueueError as e:
-            self.device.broken = str(e)
-            self.needs_reset(str(e))
-            return
-        if self._on_activate is not None:
-            self._on_activate(self)
 
     def reset(self) -> None:
         """Device reset: the driver wrote 0 to device_status."""

@@ -12,8 +12,16 @@ import threading
 from typing import Callable
 
 from domain.devices.state import check_range, check_state
-from domain.devices.virtio.device import VIRTIO_F_VERSION_1, VirtioDevice
-from domain.devices.virtio.queue import VirtioQueueError
+from domain.devices.virtio.device import VirtioDevice
+from domain.devices.virtio.status import (  # noqa: F401 (the status bits are re-exported)
+    ACKNOWLEDGE,
+    DEVICE_NEEDS_RESET,
+    DRIVER,
+    DRIVER_OK,
+    FAILED,
+    FEATURES_OK,
+    VirtioStatusMixin,
+)
 from domain.errors import SnapshotFormatError
 
 MAGIC_VALUE = 0x000
@@ -45,24 +53,13 @@ MMIO_MAGIC = 0x74726976  # "virt"
 MMIO_VERSION = 2
 VENDOR = 0x50595354  # "PYST"
 
-# Device status bits
-ACKNOWLEDGE = 0x01
-DRIVER = 0x02
-DRIVER_OK = 0x04
-FEATURES_OK = 0x08
-DEVICE_NEEDS_RESET = 0x40
-FAILED = 0x80
-# The order a driver sets them in (virtio 1.1 §3.1.1): each valid status is one of these.
-_STATUS_STEPS = (ACKNOWLEDGE, ACKNOWLEDGE | DRIVER, ACKNOWLEDGE | DRIVER | FEATURES_OK,
-                 ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK)
-
 INT_USED_RING = 0x1
 INT_CONFIG = 0x2
 
 _U32 = struct.Struct("<I")
 
 
-class VirtioMmioTransport:
+class VirtioMmioTransport(VirtioStatusMixin):
     def __init__(self, device: VirtioDevice | None, trigger: Callable[[], object], *,
                  on_activate: Callable[["VirtioMmioTransport"], object] | None = None,
                  on_reset: Callable[["VirtioMmioTransport"], object] | None = None):
@@ -189,16 +186,11 @@ class VirtioMmioTransport:
         elif offset == DRIVER_FEATURES_SEL:
             self.driver_features_sel = value
         elif offset == DRIVER_FEATURES:
-            if self._status_is(DRIVER, FEATURES_OK | FAILED) and self.driver_features_sel < 2:
-                shift = 32 * self.driver_features_sel
-                self.driver_features = (self.driver_features & ~(0xFFFFFFFF << shift)) | (value << shift)
+            self._write_driver_features(value)
         elif offset == QUEUE_SEL:
             self.queue_sel = value
         elif offset in _QUEUE_REGS:
             self._write_queue(offset, value)
-
-    def _status_is(self, must_have: int, must_not_have: int) -> bool:
-        return self.status & must_have == must_have and not self.status & must_not_have
 
     def _write_queue(self, offset: int, value: int) -> None:
         # Queue setup happens between FEATURES_OK and DRIVER_OK (virtio 1.1 §3.1.1).
@@ -224,44 +216,6 @@ class VirtioMmioTransport:
             q.used_addr = (q.used_addr & ~0xFFFFFFFF) | value
         elif offset == QUEUE_DEVICE_HIGH:
             q.used_addr = (q.used_addr & 0xFFFFFFFF) | (value << 32)
-
-    def _write_status(self, value: int) -> None:
-        if value == 0:
-            self.reset()
-            return
-        if value & FAILED:
-            self.status |= FAILED
-            return
-        keep = self.status & DEVICE_NEEDS_RESET
-        cur = self.status & ~DEVICE_NEEDS_RESET
-        new = value & ~DEVICE_NEEDS_RESET
-        if new not in _STATUS_STEPS or new & cur != cur:
-            return  # out of order or clearing bits: ignored, the driver sees the old status
-        added = new & ~cur
-        if added & FEATURES_OK and not self._accept_features():
-            return  # FEATURES_OK stays clear: the driver must give up (virtio 1.1 §3.1.1)
-        self.status = new | keep
-        if added & DRIVER_OK:
-            self._activate()
-
-    def _accept_features(self) -> bool:
-        dev = self.device
-        feats = self.driver_features
-        if feats & ~dev.avail_features or not feats & VIRTIO_F_VERSION_1:
-            return False
-        dev.acked_features = feats
-        return True
-
-    def _activate(self) -> None:
-        dev = self.device
-        try:
-            dev.activate()
-        except VirtioQueueError as e:
-            dev.broken = str(e)
-            self.needs_reset(str(e))
-            return
-        if self._on_activate is not None:
-            self._on_activate(self)
 
     def reset(self) -> None:
         """Device reset (the driver wrote 0 to Status)."""
