@@ -18,10 +18,10 @@ import logging
 import os
 import select
 import socket
-import stat
 import threading
 from typing import Callable
 
+from adapters.host.unix_socket import replace_stale_socket
 from domain.errors import HostResourceError
 
 log = logging.getLogger("pystrato.chardev")
@@ -224,25 +224,7 @@ def _drain(fd: int) -> None:
 
 def _listen(chardev_id: str, path: str) -> socket.socket:
     what = f"chardev '{chardev_id}': socket {path}"
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        raise HostResourceError(f"{what}: {exc.strerror or exc}") from None
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise HostResourceError(f"{what}: exists and is not a socket")
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            probe.settimeout(1.0)
-            try:
-                probe.connect(path)
-            except ConnectionRefusedError:
-                os.unlink(path)  # nobody listens: left over from a process that died
-            except OSError as exc:
-                raise HostResourceError(f"{what}: {exc.strerror or exc}") from None
-            else:
-                raise HostResourceError(f"{what}: in use by another process")
+    replace_stale_socket(path, what)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         sock.bind(path)

@@ -13,9 +13,9 @@ import asyncio
 import logging
 import os
 import socket
-import stat
 from typing import Any
 
+from adapters.host.unix_socket import replace_stale_socket
 from domain.errors import HostResourceError
 
 from .commands import CommandTable
@@ -117,29 +117,8 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()
 
 
-def _remove_stale_socket(path: str) -> None:
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise HostResourceError(f"QMP socket {path}: exists and is not a socket")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(1.0)
-        try:
-            probe.connect(path)
-        except ConnectionRefusedError:
-            os.unlink(path)  # nobody listens: left over from a process that died
-            return
-        except TimeoutError:
-            pass  # a listener with a full backlog: alive
-        except OSError as exc:  # EACCES and the like: not ours to replace
-            raise HostResourceError(f"QMP socket {path}: {exc.strerror or exc}") from exc
-    raise HostResourceError(f"QMP socket {path}: in use by another process")
-
-
 def _listen_socket(path: str) -> socket.socket:
-    _remove_stale_socket(path)
+    replace_stale_socket(path, f"QMP socket {path}")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(path)
