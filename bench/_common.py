@@ -205,6 +205,37 @@ def fill_snapshot(src_dir: str, dst_dir: str, seed: int = 1) -> None:
             off = end
 
 
+
+class BenchBase:
+    """What the snapshot and migration benchmarks share: the QEMU binary and accelerator, the
+    environment pystrato runs in, and per guest size the prefilled RAM image QEMU maps."""
+
+    def __init__(self, workdir: str, accel: str):
+        self.dir = workdir
+        self.accel = accel
+        self.qemu = qemu_binary()
+        self.qaccel = qemu_accel()
+        self.env = pystrato_env(os.path.join(workdir, "pycache"))
+        self.prefill: dict[int, str] = {}
+
+    def make_templates(self, size: int, cmd: list[str], sock: str) -> tuple[str, str]:
+        """Snapshot the fresh pystrato guest ``cmd`` starts (QMP on ``sock``) into
+        DIR/tpl-SIZE-zero, derive DIR/tpl-SIZE-full (every page written) from it, and write
+        QEMU's image DIR/qemu-SIZE.ram (``prefill[size]``). Returns (zero, full)."""
+        zero = os.path.join(self.dir, f"tpl-{size}-zero")
+        full = os.path.join(self.dir, f"tpl-{size}-full")
+        os.makedirs(zero, exist_ok=True)
+        p = start(cmd, env=self.env)
+        q = Qmp(sock, p)
+        q.cmd("stop")
+        q.cmd("migrate", {"uri": f"file:{zero}"})
+        finish(p, q)
+        fill_snapshot(zero, full)
+        self.prefill[size] = os.path.join(self.dir, f"qemu-{size}.ram")
+        write_pattern(self.prefill[size], size * MIB)
+        return zero, full
+
+
 # ---------------------------------------------------------------------------------------------
 # Reporting
 # ---------------------------------------------------------------------------------------------

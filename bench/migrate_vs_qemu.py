@@ -33,34 +33,24 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (  # noqa: E402
+    BenchBase,
     Qmp,
-    fill_snapshot,
     finish,
     print_table,
     pystrato_cmd,
-    pystrato_env,
-    qemu_accel,
-    qemu_binary,
     start,
     unlink,
     wait_migrate,
     wait_run_state,
-    write_pattern,
-    MIB,
 )
 
 _DONE = re.compile(r"migration completed: .* (\d+) ms total, (\d+) ms downtime")
 
 
-class Bench:
+class Bench(BenchBase):
     def __init__(self, workdir: str, accel: str):
-        self.dir = workdir
-        self.accel = accel
-        self.qemu = qemu_binary()
-        self.qaccel = qemu_accel()
-        self.env = pystrato_env(os.path.join(workdir, "pycache"))
+        super().__init__(workdir, accel)
         self.full_tpl: dict[int, str] = {}
-        self.prefill: dict[int, str] = {}
 
     def ours(self, size: int, name: str, *extra: str) -> tuple[list[str], str, str]:
         sock = os.path.join(self.dir, f"{name}.sock")
@@ -77,19 +67,9 @@ class Bench:
                 *extra, "-qmp", f"unix:{sock},server=on,wait=off"], sock
 
     def prepare(self, size: int) -> None:
-        zero = os.path.join(self.dir, f"tpl-{size}-zero")
-        os.makedirs(zero, exist_ok=True)
         cmd, sock, _ = self.ours(size, "prep")
-        p = start(cmd, env=self.env)
-        q = Qmp(sock, p)
-        q.cmd("stop")
-        q.cmd("migrate", {"uri": f"file:{zero}"})
-        finish(p, q)
-        self.full_tpl[size] = os.path.join(self.dir, f"tpl-{size}-full")
-        fill_snapshot(zero, self.full_tpl[size])
+        zero, self.full_tpl[size] = self.make_templates(size, cmd, sock)
         unlink(zero)
-        self.prefill[size] = os.path.join(self.dir, f"qemu-{size}.ram")
-        write_pattern(self.prefill[size], size * MIB)
 
     def run_ours(self, size: int, content: str) -> tuple[float, float, float]:
         mig = os.path.join(self.dir, "p-mig.sock")

@@ -36,33 +36,23 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (  # noqa: E402
-    MIB,
+    BenchBase,
     Qmp,
-    fill_snapshot,
     finish,
     print_table,
     pystrato_cmd,
-    pystrato_env,
-    qemu_accel,
-    qemu_binary,
     start,
     unlink,
     wait_migrate,
     wait_run_state,
-    write_pattern,
 )
 
 
-class Bench:
+class Bench(BenchBase):
     def __init__(self, workdir: str, accel: str):
-        self.dir = workdir
-        self.accel = accel
-        self.qemu = qemu_binary()
-        self.qaccel = qemu_accel()
+        super().__init__(workdir, accel)
         self.templates: dict[tuple[int, str], str | None] = {}
-        self.prefill: dict[int, str] = {}
         self.digests: dict[tuple[int, str], str] = {}
-        self.env = pystrato_env(os.path.join(workdir, "pycache"))
 
     # --- pystrato ------------------------------------------------------------------------------
 
@@ -74,21 +64,10 @@ class Bench:
 
     def prepare(self, size: int) -> None:
         """Template snapshots: a fresh guest's, and the same with every page written."""
-        zero = os.path.join(self.dir, f"tpl-{size}-zero")
-        full = os.path.join(self.dir, f"tpl-{size}-full")
-        os.makedirs(zero, exist_ok=True)
         cmd, sock = self.ours(size)
-        p = start(cmd, env=self.env)
-        q = Qmp(sock, p)
-        q.cmd("stop")
-        q.cmd("migrate", {"uri": f"file:{zero}"})
-        finish(p, q)
-        fill_snapshot(zero, full)
+        _, full = self.make_templates(size, cmd, sock)
         self.templates[(size, "zero")] = None  # a fresh VM
         self.templates[(size, "full")] = full
-        img = os.path.join(self.dir, f"qemu-{size}.ram")
-        write_pattern(img, size * MIB)
-        self.prefill[size] = img
 
     def ours_save(self, size: int, content: str) -> tuple[float, str]:
         tpl = self.templates[(size, content)]
