@@ -559,19 +559,9 @@ class MigrationService:
         except Exception as e:  # any failure ends the destination with a clear line
             if self._closing:
                 return False
-            return self._incoming_failed(ch, self._describe_incoming(e))
+            return self._incoming_failed(ch, self._describe(e))
         finally:
             self._close_channel(ch)
-
-    @staticmethod
-    def _describe_incoming(e: BaseException) -> str:
-        if isinstance(e, VmmError):
-            return str(e)
-        if isinstance(e, TimeoutError):
-            return "the migration connection timed out"
-        if isinstance(e, OSError):
-            return f"migration connection lost: {e.strerror or e}"
-        return f"internal error: {type(e).__name__}: {e}"
 
     def _incoming_failed(self, ch: MigrationChannel | None, reason: str, code: int = 1) -> bool:
         self._send_quietly(ch, proto.Error(reason))
