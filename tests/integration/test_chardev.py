@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from tests.integration.waiting import until
+
 from adapters.chardev import ChardevOpener
 from adapters.chardev import socket as sockdev
 from adapters.chardev.socket import UnixSocketChardev
@@ -20,12 +22,6 @@ from domain.errors import ConfigError, HostResourceError
 TIMEOUT = 10.0
 
 
-def until(predicate, what="condition"):
-    deadline = time.monotonic() + TIMEOUT
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 class Guest:

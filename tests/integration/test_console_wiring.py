@@ -7,10 +7,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
-import time
 from types import SimpleNamespace
 
 import pytest
+
+from tests.integration.waiting import until
 
 from application.container import Container, Runtime
 from domain.cmdline import parse_cmdline
@@ -25,12 +26,6 @@ TXBUF = 0x220000
 TIMEOUT = 10.0
 
 
-def until(predicate, what):
-    deadline = time.monotonic() + TIMEOUT
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 @pytest.fixture

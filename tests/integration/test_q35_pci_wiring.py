@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 import struct
-import time
 from types import SimpleNamespace
 
 import pytest
+
+from tests.integration.waiting import until
 from dependency_injector import providers
 
 from application.container import Container, Runtime
@@ -30,15 +31,8 @@ RINGS = 0x200000
 HDR, DATA, STATUS = 0x210000, 0x211000, 0x212000
 LAPIC = 0xFEE0_0000
 PORT = devfn(2)
-TIMEOUT = 10.0
 
 
-def until(predicate, what):
-    deadline = time.monotonic() + TIMEOUT
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 @pytest.fixture

@@ -120,15 +120,9 @@ class VirtioPciTransport(VirtioStatusMixin, PciDevice):
         return cap
 
     def _clear(self) -> None:
-        self.status = 0
-        self.isr = 0
-        self.device_features_sel = 0
-        self.driver_features_sel = 0
-        self.driver_features = 0
-        self.queue_sel = 0
+        self._clear_common()
         self.msix_config = NO_VECTOR
         self.queue_vectors = [NO_VECTOR] * len(self.device.queues)
-        self.needs_reset_reason: str | None = None
 
     # --- VirtioInterrupt (the device calls these, holding the shared lock) -----------------------
 

@@ -73,13 +73,7 @@ class VirtioMmioTransport(VirtioStatusMixin):
         self.set_device(device)
 
     def _clear(self) -> None:
-        self.status = 0
-        self.isr = 0
-        self.device_features_sel = 0
-        self.driver_features_sel = 0
-        self.driver_features = 0
-        self.queue_sel = 0
-        self.needs_reset_reason: str | None = None
+        self._clear_common()
 
     def set_device(self, device: VirtioDevice | None) -> None:
         """Put a device into this slot (or empty it with None); the slot starts from reset."""

@@ -29,6 +29,16 @@ class VirtioStatusMixin:
     hooks) and ``needs_reset(reason)`` (its own interrupt delivery).
     """
 
+    def _clear_common(self) -> None:
+        """The registers every virtio transport resets to zero (device reset, virtio 1.1 §2.1)."""
+        self.status = 0
+        self.isr = 0
+        self.device_features_sel = 0
+        self.driver_features_sel = 0
+        self.driver_features = 0
+        self.queue_sel = 0
+        self.needs_reset_reason: str | None = None
+
     def _status_is(self, must_have: int, must_not_have: int) -> bool:
         return self.status & must_have == must_have and not self.status & must_not_have
 
