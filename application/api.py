@@ -7,11 +7,12 @@ Return values are the JSON-ready ``return`` payloads.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
+from domain.record import field, record
 
-@dataclass
+
+@record
 class AfterReply:
     """A result whose follow-up must run only after the reply has been written to the client
     (quit: the SHUTDOWN event comes after quit's ``return``, as the manual shows)."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from domain.config import MICROVM, DeviceConfig, VmConfig
@@ -23,7 +22,15 @@ from domain.errors import (
 )
 from domain.events import BalloonChanged, DeviceDeleted
 from domain.memory import GuestMemory
-from domain.ports import BlockOpener, CharBackendOpener, HostProbe, HvVm, IoPoller, NetOpener
+from domain.ports import (
+    BlockOpener,
+    CharBackendOpener,
+    HostProbe,
+    HvVm,
+    IoPoller,
+    NetOpener,
+)
+from domain.record import field, record
 from domain.topology import BLK, NET, DeviceTopology, NamedRegistry, Placement
 
 log = logging.getLogger("pystrato.devices")
@@ -36,7 +43,7 @@ BALLOON_DRIVERS = ("virtio-balloon-device", "virtio-balloon-pci", "virtio-balloo
 VFIO_DRIVERS = ("vfio-pci",)
 
 
-@dataclass
+@record
 class BlockNode:
     node_name: str
     path: str
@@ -45,7 +52,7 @@ class BlockNode:
     backend: Any
 
 
-@dataclass
+@record
 class NetNode:
     id: str
     ifname: str | None
@@ -53,7 +60,7 @@ class NetNode:
     backend: Any
 
 
-@dataclass
+@record
 class Attached:
     placement: Placement
     driver: str

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from domain.devices.bus import Bus, BusConflictError
@@ -22,12 +21,24 @@ from domain.devices.pci import layout
 from domain.devices.pci import virtio_pci as vp
 from domain.devices.pci.device import Bar, BarRegion, PciDevice
 from domain.devices.pci.firmware import MmioAllocator, assign_resources, place_in_window
-from domain.devices.pci.host import (CONFIG_ADDRESS_PORT, CONFIG_IO_SIZE, HostBridge, PciConfigIo, PciEcam,
-                                     PciRoot)
+from domain.devices.pci.host import (
+    CONFIG_ADDRESS_PORT,
+    CONFIG_IO_SIZE,
+    HostBridge,
+    PciConfigIo,
+    PciEcam,
+    PciRoot,
+)
 from domain.devices.pci.root_port import PcieRootPort
 from domain.devices.virtio.device import VirtioDevice
-from domain.errors import DeviceNotActiveError, DeviceNotFoundError, HypervisorError, InvalidArgumentError
+from domain.errors import (
+    DeviceNotActiveError,
+    DeviceNotFoundError,
+    HypervisorError,
+    InvalidArgumentError,
+)
 from domain.ports import HvVm, IoPoller
+from domain.record import field, record
 
 log = logging.getLogger("pystrato.pci")
 
@@ -47,7 +58,7 @@ def _in_thread(fn: Callable[[], None]) -> None:
     threading.Thread(target=run, name="pci-unplug", daemon=True).start()
 
 
-@dataclass
+@record
 class Function:
     """One virtio-pci function and the host resources behind its BAR."""
 

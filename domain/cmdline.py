@@ -9,10 +9,14 @@ application to check. Errors are ConfigError(option, reason): one line.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import re
 
-from domain.cmdline_backends import chardev_from_params, parse_chardev, parse_drive, parse_netdev
+from domain.cmdline_backends import (
+    chardev_from_params,
+    parse_chardev,
+    parse_drive,
+    parse_netdev,
+)
 from domain.cmdline_checks import check_config
 from domain.cmdline_devices import parse_device
 from domain.cmdline_values import (
@@ -66,11 +70,11 @@ UNSUPPORTED_OPTIONS = frozenset({
     "-h", "-help", "-version",
 })
 
-_CPU_FEATURE = re.compile(r"[a-z0-9][a-z0-9_.-]*")
+_CPU_FEATURE = r"[a-z0-9][a-z0-9_.-]*"
 _OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"  # no leading zeros, like Rust's Ipv4Addr
-_IPV4 = re.compile(rf"{_OCTET}(\.{_OCTET}){{3}}")
+_IPV4 = rf"{_OCTET}(\.{_OCTET}){{3}}"
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_HOSTNAME = re.compile(rf"(?=.*[A-Za-z-]){_LABEL}(\.{_LABEL})*")  # a name, not a bad IPv4
+_HOSTNAME = rf"(?=.*[A-Za-z-]){_LABEL}(\.{_LABEL})*"  # a name, not a bad IPv4
 _SERIAL_CHARDEV = "serial_chardev"  # StratoVirt's name for the chardev -serial makes itself
 _PAGE = 4096
 
@@ -216,7 +220,7 @@ def _cpu(text: str) -> tuple[str, ...]:
         elif not (eq and value == "off"):
             raise ConfigError(opt, f"{quote(item)} is not -feature or feature=off")
         name = name.lower()
-        if not _CPU_FEATURE.fullmatch(name):
+        if not re.fullmatch(_CPU_FEATURE, name):
             raise ConfigError(opt, f"{quote(name)} is not a CPU feature name")
         if name not in hidden:
             hidden.append(name)
@@ -367,11 +371,13 @@ def _incoming(text: str) -> str:
 def _tcp_host(host: str) -> bool:
     """StratoVirt takes IPv4 only; pystrato also listens on [IPv6], names, and "" (every
     address, QEMU's tcp::PORT) as domain.migration does."""
-    if host == "" or _IPV4.fullmatch(host) or _HOSTNAME.fullmatch(host):
+    if host == "" or re.fullmatch(_IPV4, host) or re.fullmatch(_HOSTNAME, host):
         return True
     if not (host.startswith("[") and host.endswith("]")):
         return False
     try:
+        import ipaddress  # rare: only bracketed IPv6 hosts need it
+
         ipaddress.IPv6Address(host[1:-1])
     except ValueError:
         return False

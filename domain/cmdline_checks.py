@@ -12,9 +12,15 @@ from collections import Counter
 
 from domain.cmdline_devices import ROOT_BUS
 from domain.cmdline_values import quote
-from domain.config import MICROVM, MICROVM_MAX_BLK, MICROVM_MAX_NET, Q35, DeviceConfig, VmConfig
+from domain.config import (
+    MICROVM,
+    MICROVM_MAX_BLK,
+    MICROVM_MAX_NET,
+    Q35,
+    DeviceConfig,
+    VmConfig,
+)
 from domain.errors import ConfigError
-from domain.migration import migration_blockers, snapshot_blockers
 
 BLK_DRIVERS = ("virtio-blk-device", "virtio-blk-pci")
 NET_DRIVERS = ("virtio-net-device", "virtio-net-pci")
@@ -188,6 +194,11 @@ def _incoming(cfg: VmConfig) -> None:
     restore or an incoming migration too; domain.migration owns the list."""
     if cfg.incoming is None:
         return
+    from domain.migration import (  # only with -incoming
+        migration_blockers,
+        snapshot_blockers,
+    )
+
     file = cfg.incoming.startswith("file:")
     blockers = snapshot_blockers(cfg) if file else migration_blockers(cfg)
     if blockers:

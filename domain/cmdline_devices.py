@@ -8,8 +8,6 @@ addr=SLOT[.FUNCTION], stored as ``slot << 3 | function``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from domain.cmdline_values import (
     MAX_BLK_SERIAL,
     Params,
@@ -22,6 +20,7 @@ from domain.cmdline_values import (
 )
 from domain.config import MICROVM, MICROVM_MAX_BLK, MICROVM_MAX_NET, Q35, DeviceConfig
 from domain.errors import ConfigError
+from domain.record import record
 
 MMIO = "mmio"
 PCI = "pci"
@@ -30,7 +29,7 @@ ROOT_BUS = "pcie.0"
 _PCI_COMMON = frozenset({"bus", "addr", "multifunction"})
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Driver:
     transport: str
     props: frozenset[str]  # accepted besides id

@@ -17,13 +17,14 @@ MAX_PATH_LENGTH = 4096
 MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes including the terminating NUL
 MAX_BLK_SERIAL = 20  # virtio-blk id string (VIRTIO_BLK_ID_BYTES)
 
-_DECIMAL = re.compile(r"[0-9]{1,20}")
-_HEX = re.compile(r"0[xX][0-9a-fA-F]{1,16}")
-_SIZE = re.compile(r"([0-9]{1,20})([KkMmGg]?)")
+# Patterns, not compiled objects: re compiles (and caches) the ones a command line uses.
+_DECIMAL = r"[0-9]{1,20}"
+_HEX = r"0[xX][0-9a-fA-F]{1,16}"
+_SIZE = r"([0-9]{1,20})([KkMmGg]?)"
 _UNITS = {"": 1 << 20, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-_MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
-_UUID = re.compile(r"[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
-_HOST_BDF = re.compile(r"([0-9a-fA-F]{4}):([0-9a-fA-F]{2}):([0-9a-fA-F]{2})\.([0-7])")
+_MAC = r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}"
+_UUID = r"[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}"
+_HOST_BDF = r"([0-9a-fA-F]{4}):([0-9a-fA-F]{2}):([0-9a-fA-F]{2})\.([0-7])"
 _TRUE = frozenset({"on", "true", "yes"})
 _FALSE = frozenset({"off", "false", "no"})
 
@@ -115,16 +116,16 @@ def parse_bool(option: str, key: str, value: str) -> bool:
 
 def parse_decimal(option: str, key: str, value: str, lo: int, hi: int) -> int:
     """A decimal integer in [lo, hi] (StratoVirt parses -smp values as plain u8)."""
-    if not _DECIMAL.fullmatch(value):
+    if not re.fullmatch(_DECIMAL, value):
         raise ConfigError(option, f"{key}={quote(value)} is not a decimal number")
     return _in_range(option, key, int(value), lo, hi)
 
 
 def parse_number(option: str, key: str, value: str, lo: int, hi: int) -> int:
     """Decimal or ``0x`` hex, like StratoVirt's str_to_num."""
-    if _HEX.fullmatch(value):
+    if re.fullmatch(_HEX, value):
         number = int(value, 16)
-    elif _DECIMAL.fullmatch(value):
+    elif re.fullmatch(_DECIMAL, value):
         number = int(value)
     else:
         raise ConfigError(option, f"{key}={quote(value)} is not a number (decimal or 0x hex)")
@@ -139,7 +140,7 @@ def _in_range(option: str, key: str, number: int, lo: int, hi: int) -> int:
 
 def parse_size(option: str, key: str, value: str) -> int:
     """Bytes from ``N[K|M|G]``, a bare number being MiB (StratoVirt memory_unit_conversion)."""
-    match = _SIZE.fullmatch(value)
+    match = re.fullmatch(_SIZE, value)
     if match is None:
         raise ConfigError(option, f"{key}={quote(value)} is not a size (N, NK, NM or NG; bare N is MiB)")
     return int(match.group(1)) * _UNITS[match.group(2).lower()]
@@ -169,7 +170,7 @@ def parse_socket_path(option: str, key: str, value: str) -> str:
 
 def parse_mac(option: str, value: str) -> str:
     """``xx:xx:xx:xx:xx:xx`` with the group bit clear (a NIC needs a unicast address)."""
-    if not _MAC.fullmatch(value):
+    if not re.fullmatch(_MAC, value):
         raise ConfigError(option, f"mac {quote(value)} is not of the form xx:xx:xx:xx:xx:xx")
     if int(value[:2], 16) & 1:
         raise ConfigError(option, f"mac {quote(value)} is a multicast address, not a unicast one")
@@ -188,13 +189,13 @@ def parse_pci_addr(option: str, value: str) -> tuple[int, int]:
 
 def parse_host_bdf(option: str, value: str) -> str:
     """A host PCI address ``DDDD:BB:SS.F`` as sysfs names it (format only)."""
-    match = _HOST_BDF.fullmatch(value)
+    match = re.fullmatch(_HOST_BDF, value)
     if match is None or int(match.group(3), 16) > 0x1F:
         raise ConfigError(option, f"host {quote(value)} is not a PCI address DDDD:BB:SS.F")
     return value.lower()
 
 
 def parse_uuid(option: str, value: str) -> str:
-    if not _UUID.fullmatch(value):
+    if not re.fullmatch(_UUID, value):
         raise ConfigError(option, f"{quote(value)} is not a UUID (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)")
     return value.lower()

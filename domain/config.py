@@ -6,7 +6,7 @@ invalid value is refused before anything starts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from domain.record import field, record
 
 MICROVM = "microvm"
 Q35 = "q35"
@@ -24,7 +24,7 @@ MICROVM_MAX_BLK = 6
 MICROVM_MAX_NET = 2
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class CpuTopology:
     cpus: int = 1
     maxcpus: int = 1
@@ -35,7 +35,7 @@ class CpuTopology:
     threads: int = 1
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class MemoryConfig:
     size: int = 256 << 20  # bytes
     mem_path: str | None = None
@@ -45,7 +45,7 @@ class MemoryConfig:
     dump_guest_core: bool = True  # -machine dump-guest-core=on|off (MADV_DONTDUMP when off)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class MachineConfig:
     type: str = MICROVM
     accel: str | None = None  # None: kvm when /dev/kvm opens (decided by the CLI)
@@ -53,7 +53,7 @@ class MachineConfig:
     hidden_cpu_features: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class DriveConfig:
     id: str
     file: str
@@ -62,7 +62,7 @@ class DriveConfig:
     format: str = "raw"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class NetdevConfig:
     id: str
     type: str = "tap"
@@ -72,7 +72,7 @@ class NetdevConfig:
     queues: int = 1  # queue pairs (-netdev ...,queues=N)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ChardevConfig:
     id: str
     backend: str  # "socket" | "stdio" | "file" | "pty"
@@ -81,7 +81,7 @@ class ChardevConfig:
     nowait: bool = False
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class DeviceConfig:
     driver: str
     id: str | None = None
@@ -101,14 +101,14 @@ class DeviceConfig:
     extra: tuple[tuple[str, str], ...] = ()
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class SerialConfig:
     backend: str = "none"  # "stdio" | "file" | "none" | "chardev"
     path: str | None = None
     chardev: str | None = None
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class VmConfig:
     machine: MachineConfig = field(default_factory=MachineConfig)
     smp: CpuTopology = field(default_factory=CpuTopology)

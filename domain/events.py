@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
+from domain.record import record
 
-@dataclass(frozen=True)
+
+@record(frozen=True)
 class DomainEvent:
     name = ""
 
@@ -14,17 +15,17 @@ class DomainEvent:
         return {}
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Stopped(DomainEvent):
     name = "STOP"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Resumed(DomainEvent):
     name = "RESUME"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ShutdownEvent(DomainEvent):
     guest: bool = False
     reason: str = "host-qmp-quit"
@@ -34,7 +35,7 @@ class ShutdownEvent(DomainEvent):
         return {"guest": self.guest, "reason": self.reason}
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class DeviceDeleted(DomainEvent):
     device: str = ""
     path: str = ""
@@ -44,7 +45,7 @@ class DeviceDeleted(DomainEvent):
         return {"device": self.device, "path": self.path or self.device}
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class BalloonChanged(DomainEvent):
     actual: int = 0
     name = "BALLOON_CHANGED"
@@ -53,7 +54,7 @@ class BalloonChanged(DomainEvent):
         return {"actual": self.actual}
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class MigrationStatusChanged(DomainEvent):
     status: str = "none"
     name = "MIGRATION"

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import bisect
 import struct
-from dataclasses import dataclass
 from typing import Iterator
 
 from domain.errors import GuestMemoryError
+from domain.record import record
 
 PAGE_SIZE = 4096
 
@@ -20,7 +20,7 @@ _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class RamRegion:
     """One contiguous guest-physical RAM range backed by one host buffer."""
 

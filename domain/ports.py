@@ -7,12 +7,12 @@ pins the behaviour every hypervisor implementation must share.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 from domain.config import ChardevConfig
 from domain.cpu_state import Regs, Sregs, VcpuSetup
 from domain.memory import GuestMemory
+from domain.record import record
 from domain.vcpu_exit import VcpuExit
 
 # ---------------------------------------------------------------------------------------------
@@ -230,7 +230,7 @@ class IoPoller(Protocol):
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class VfioPciIndices:
     """The vfio-pci region and IRQ index numbers, as the adapter read them from <linux/vfio.h>."""
 
@@ -242,7 +242,7 @@ class VfioPciIndices:
     msix: int
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class VfioRegionInfo:
     index: int
     size: int
@@ -254,7 +254,7 @@ class VfioRegionInfo:
     mmap_areas: tuple[tuple[int, int], ...]
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class VfioIrqInfo:
     index: int
     count: int  # vectors in this index (0: the device lacks it)

@@ -12,7 +12,6 @@ the command line; a hot-plugged device goes into a root port at addr 0x0, one de
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
 
 from domain.config import MICROVM, MICROVM_MAX_BLK, MICROVM_MAX_NET, CpuTopology
 from domain.errors import (
@@ -21,13 +20,14 @@ from domain.errors import (
     InvalidArgumentError,
     ResourceExhaustedError,
 )
+from domain.record import field, record
 
 # ---------------------------------------------------------------------------------------------
 # CPUs
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class CpuSlot:
     index: int
     socket_id: int
@@ -91,7 +91,7 @@ def parse_addr(value) -> int:
     return slot << 3 | func if func_s else slot
 
 
-@dataclass
+@record
 class Placement:
     """Where a device sits. microvm: kind + slot; q35: bus id + addr."""
 
@@ -105,7 +105,7 @@ class Placement:
     pending_removal: bool = False
 
 
-@dataclass
+@record
 class DeviceTopology:
     """Registry of devices and their places; thread-safe (QMP and guest-ack threads use it)."""
 
@@ -235,7 +235,7 @@ class DeviceTopology:
             raise DuplicateIdError(f"Duplicate ID '{device_id}' for device")
 
 
-@dataclass
+@record
 class NamedRegistry:
     """Backend ids (blockdev node-names, netdev ids): unique, and pinned while a device uses them."""
 

@@ -8,10 +8,10 @@ boolean is not an integer. Ranges and meaning are the application's business.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from domain.errors import InvalidArgumentError
+from domain.record import record
 
 # An "int" must fit what QEMU's JSON parser reads as an integer (int64 or uint64); a larger
 # number is a float to QEMU, so it is a type error there too.
@@ -35,7 +35,7 @@ TYPES: dict[str, tuple[str, Callable[[Any], bool]]] = {
 }
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Arg:
     name: str
     type: str

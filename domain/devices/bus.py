@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import bisect
 import threading
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from domain.errors import VmmError
+from domain.record import record
 
 
 class BusDevice(Protocol):
@@ -28,7 +28,7 @@ class BusConflictError(VmmError):
     """A device range that overlaps another, or a bad range."""
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class BusRange:
     base: int
     length: int

@@ -14,16 +14,16 @@ Capabilities (MSI, MSI-X, PCI Express) attach themselves and hear about writes t
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from domain.devices.pci import regs
 from domain.devices.pci.config import PciConfig, PciConfigError, valid_access
 from domain.devices.state import check_state
 from domain.errors import SnapshotFormatError
+from domain.record import record
 
 
-@dataclass
+@record
 class Bar:
     index: int
     size: int
