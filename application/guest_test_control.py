@@ -6,9 +6,6 @@ anyone compare guest memory across a snapshot or a migration by digest.
 
 from __future__ import annotations
 
-import hashlib
-import random
-
 from domain.errors import InvalidArgumentError
 from domain.memory import PAGE_SIZE
 
@@ -35,6 +32,8 @@ class GuestTestControl:
         hv = self.vm.hv_vm
         if not hasattr(hv, "guest_write"):
             raise InvalidArgumentError("x-guest-touch needs -accel test")
+        import random
+
         rng = random.Random(seed)
         regions = self.vm.memory.regions
         total = sum(r.size for r in regions) // PAGE_SIZE
@@ -52,6 +51,8 @@ class GuestTestControl:
         return {"touched": pages}
 
     def memory_digest(self) -> dict:
+        import hashlib
+
         h = hashlib.sha256()
         for r in self.vm.memory.regions:
             h.update(r.view)

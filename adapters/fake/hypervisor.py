@@ -27,11 +27,12 @@ import time
 from typing import Any, Iterable
 
 from adapters.fake import x86
-from domain.cpu_features import check_features
 from domain import vcpu_exit as ve
+from domain.cpu_features import check_features
 from domain.cpu_state import GPR_NAMES, DescriptorTable, Regs, Segment, Sregs, VcpuSetup
 from domain.errors import GuestMemoryError, HypervisorError, SnapshotFormatError
 from domain.memory import PAGE_SIZE
+from domain.record import field, record
 
 STATE_VERSION = 1
 MAX_MEMSLOTS = 32764  # what KVM answers for KVM_CAP_NR_MEMSLOTS on x86
@@ -66,7 +67,7 @@ class FakeHypervisor:
         return FakeVm(self._max_vcpus)
 
 
-@dataclasses.dataclass
+@record
 class _Slot:
     slot: int
     gpa: int
@@ -74,14 +75,14 @@ class _Slot:
     view: memoryview
     readonly: bool
     log_dirty: bool
-    dirty: set[int] = dataclasses.field(default_factory=set)
+    dirty: set[int] = field(default_factory=set)
 
     @property
     def end(self) -> int:
         return self.gpa + self.size
 
 
-@dataclasses.dataclass(frozen=True)
+@record(frozen=True)
 class _IoEvent:
     fd: int
     addr: int

@@ -7,11 +7,11 @@ composition root can ``register`` more commands (``x-`` test commands, for insta
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 from application.api import VmApi
 from domain.errors import CommandNotFoundError, InvalidArgumentError
+from domain.record import record
 
 from .models import version_info
 from .schema import Schema, opt, req
@@ -19,7 +19,7 @@ from .schema import Schema, opt, req
 Handler = Callable[[Any, dict[str, Any]], Any]
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Command:
     name: str
     schema: Schema

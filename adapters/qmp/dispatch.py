@@ -8,11 +8,11 @@ replies by id (qemu.qmp) never see an orphan.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from application.api import AfterReply
 from domain.errors import VmmError
+from domain.record import record
 
 from .commands import CommandTable
 from .models import NO_ID, error_reply, return_reply
@@ -20,7 +20,7 @@ from .models import NO_ID, error_reply, return_reply
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@record
 class Outcome:
     reply: dict[str, Any]
     then: Callable[[], None] | None = None  # run after the reply is written

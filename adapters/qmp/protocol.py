@@ -16,8 +16,9 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
 from typing import Any, Iterator
+
+from domain.record import record
 
 MAX_MESSAGE_BYTES = 1 << 20
 # QEMU allows 1024; Python's json recursion (and the reply echoing an ``id``) wants less.
@@ -34,7 +35,7 @@ _TOO_LONG = "JSON token size limit exceeded"
 _TOO_DEEP = "JSON nesting depth limit exceeded"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Frame:
     """One item of the input stream: a decoded JSON value, or the text of a parse error."""
 

@@ -13,7 +13,6 @@ quiet): the alarm, periodic and update-ended flags in register C never set.
 
 from __future__ import annotations
 
-import calendar
 import threading
 import time
 from collections.abc import Callable
@@ -97,6 +96,8 @@ class CmosRtc:
     def _epoch(f: list[int]) -> int:
         # timegm normalizes an out-of-range day, hour, minute or second as a running clock would
         # carry it; the month must be valid for it, so a nonsense month is clamped.
+        import calendar  # only when the guest sets the clock: its import is not free
+
         month = min(max(f[MONTH], 1), 12)
         return calendar.timegm((f[YEAR], month, f[DAY], f[HOUR], f[MINUTE], f[SECOND], 0, 0, 0))
 
