@@ -28,8 +28,8 @@ def check_host(config: VmConfig) -> None:
         why = probe.file_usable(d.file, write=not d.readonly)
         if why:
             raise ConfigError("-drive", f"id={d.id}: '{d.file}': {why}")
-    if config.memory.mem_path and not os.path.exists(config.memory.mem_path):
-        raise ConfigError("-mem-path", f"'{config.memory.mem_path}': No such file or directory")
+    if config.memory.mem_path:
+        _mem_path(config.memory.mem_path)
     for path in config.qmp:
         _parent_dir("-qmp", path)
     for c in config.chardevs:
@@ -45,6 +45,18 @@ def check_host(config: VmConfig) -> None:
         _parent_dir("-pidfile", config.pidfile)
         if os.path.isdir(config.pidfile):
             raise ConfigError("-pidfile", f"'{config.pidfile}': Is a directory")
+
+
+def _mem_path(path: str) -> None:
+    """A directory (RAM goes in an unlinked file there) or a file, created if missing; either
+    must be writable, as the VMM opens it read-write."""
+    if os.path.isdir(path):
+        target = path
+    else:
+        _parent_dir("-mem-path", path)
+        target = path if os.path.exists(path) else os.path.dirname(os.path.abspath(path))
+    if not os.access(target, os.W_OK):
+        raise ConfigError("-mem-path", f"'{target}': Permission denied")
 
 
 def _parent_dir(option: str, path: str) -> None:

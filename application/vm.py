@@ -59,7 +59,7 @@ class VirtualMachine:
         online = [c for c in self.cpus if c.online]
         if len(online) > self._hypervisor.max_vcpus():
             raise HypervisorError(f"-smp: {len(online)} vCPUs requested, the hypervisor allows {self._hypervisor.max_vcpus()}")
-        self.memory = self._allocator.allocate(ram_layout(cfg.memory.size), self._memory_file)
+        self.memory = self._allocator.allocate(ram_layout(cfg.memory.size), self._memory_file, cfg.memory)
         self.hv_vm = self._hypervisor.create_vm()
         for r in self.memory.regions:
             self.hv_vm.set_memory_region(r.slot, r.gpa, r.view)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
-from domain.config import ChardevConfig
+from domain.config import ChardevConfig, MemoryConfig
 from domain.cpu_state import Regs, Sregs, VcpuSetup
 from domain.memory import GuestMemory
 from domain.record import record
@@ -112,9 +112,12 @@ class Hypervisor(Protocol):
 
 
 class MemoryAllocator(Protocol):
-    def allocate(self, layout: Sequence[tuple[int, int]], backing_file: str | None = None) -> GuestMemory:
+    def allocate(self, layout: Sequence[tuple[int, int]], backing_file: str | None = None,
+                 backend: MemoryConfig | None = None) -> GuestMemory:
         """Allocate RAM for (gpa, size) ranges. With backing_file, map it copy-on-write
-        (MAP_PRIVATE) so start-up does not read it; offsets in the file follow the layout."""
+        (MAP_PRIVATE) so start-up does not read it; offsets in the file follow the layout.
+        backend applies the memory options: mem-path (file or directory), mem-share, prealloc,
+        dump-guest-core."""
 
     def free(self, memory: GuestMemory) -> None: ...
 

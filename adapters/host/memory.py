@@ -3,6 +3,13 @@
 Anonymous private mappings by default. With a backing file (a memory snapshot), each region maps
 the file MAP_PRIVATE at consecutive offsets in layout order: pages are read on first touch and a
 guest write copies the page, so restoring does not read the whole file and never changes it.
+
+A memory backend (-mem-path, -machine mem-share=on, -mem-prealloc, dump-guest-core=off) is
+applied as QEMU and StratoVirt do: -mem-path DIR backs RAM with an unlinked file created in DIR
+(hugetlbfs gives huge pages), -mem-path FILE with that file (created if missing, grown to the
+RAM size); mem-share=on maps it MAP_SHARED so other processes see guest RAM, otherwise guest
+writes stay private; prealloc faults every page in before the guest runs; dump-guest-core=off
+keeps RAM out of core dumps (MADV_DONTDUMP).
 """
 
 from __future__ import annotations
@@ -12,37 +19,49 @@ import os
 import weakref
 from typing import Sequence
 
+from domain.config import MemoryConfig
 from domain.errors import HostResourceError, InvalidArgumentError
 from domain.memory import PAGE_SIZE, GuestMemory
 
 _PROT = mmap.PROT_READ | mmap.PROT_WRITE
 _NORESERVE = getattr(mmap, "MAP_NORESERVE", 0)  # RAM is committed when touched, not up front
+_MADV_POPULATE_WRITE = 23  # Linux 5.14+: fault pages in writable without touching them from here
+_MADV_REMOVE = getattr(mmap, "MADV_REMOVE", 9)  # frees the file's pages behind a shared mapping
 
 
 class MmapAllocator:
     def __init__(self) -> None:
         self._maps: "weakref.WeakKeyDictionary[GuestMemory, list[mmap.mmap]]" = weakref.WeakKeyDictionary()
+        self._shared: "weakref.WeakSet[GuestMemory]" = weakref.WeakSet()  # file pages, MAP_SHARED
 
-    def allocate(self, layout: Sequence[tuple[int, int]], backing_file: str | None = None) -> GuestMemory:
+    def allocate(self, layout: Sequence[tuple[int, int]], backing_file: str | None = None,
+                 backend: MemoryConfig | None = None) -> GuestMemory:
         for gpa, size in layout:
             if gpa < 0 or size <= 0 or gpa % PAGE_SIZE or size % PAGE_SIZE:
                 raise InvalidArgumentError(f"guest RAM region {gpa:#x}+{size:#x} is not page aligned")
         maps: list[mmap.mmap] = []
         try:
-            if backing_file is None:
+            if backing_file is not None:
+                maps.extend(self._map_file(layout, backing_file))
+            elif backend is not None and backend.mem_path:
+                maps.extend(_map_backend(layout, backend.mem_path, backend.mem_share))
+            else:
                 for _gpa, size in layout:
                     maps.append(mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _NORESERVE, _PROT))
-            else:
-                maps.extend(self._map_file(layout, backing_file))
+            if backend is not None:
+                _apply_policy(maps, backend)
             memory = GuestMemory([(gpa, m) for (gpa, _size), m in zip(layout, maps)])
         except OSError as e:
             _close_all(maps)
-            where = f" {backing_file}" if backing_file else ""
+            path = backing_file or (backend.mem_path if backend is not None else None)
+            where = f" {path}" if path else ""
             raise HostResourceError(f"cannot map guest RAM{where}: {e.strerror}") from None
         except ValueError as e:  # overlapping layout, from GuestMemory
             _close_all(maps)
             raise InvalidArgumentError(str(e)) from None
         self._maps[memory] = maps
+        if backend is not None and backend.mem_path and backend.mem_share:
+            self._shared.add(memory)
         return memory
 
     @staticmethod
@@ -72,12 +91,14 @@ class MmapAllocator:
         maps = self._maps.get(memory)
         if maps is None or length <= 0:
             return
+        # DONTNEED only drops this process's view of a shared file's pages; REMOVE frees them.
+        advice = _MADV_REMOVE if memory in self._shared else mmap.MADV_DONTNEED
         for region, m in zip(memory.regions, maps):
             # Only whole pages inside the range: a partial page may hold live data.
             start = -(-max(gpa, region.gpa) // PAGE_SIZE) * PAGE_SIZE
             end = min(gpa + length, region.end) // PAGE_SIZE * PAGE_SIZE
             if start < end:
-                m.madvise(mmap.MADV_DONTNEED, start - region.gpa, end - start)
+                m.madvise(advice, start - region.gpa, end - start)
 
     def free(self, memory: GuestMemory) -> None:
         """Drop the views, then unmap. A mapping still pinned elsewhere (a VM not yet closed)
@@ -94,6 +115,54 @@ class MmapAllocator:
         if busy:
             self._maps[memory] = busy  # a later free() closes the rest
             raise HostResourceError(f"{len(busy)} guest RAM mapping(s) still in use (close the VM first)")
+
+
+def _map_backend(layout: Sequence[tuple[int, int]], path: str, share: bool) -> list[mmap.mmap]:
+    """-mem-path: regions at consecutive offsets of one file, grown to the RAM size."""
+    need = sum(size for _gpa, size in layout)
+    if os.path.isdir(path):
+        # As QEMU does: a file nobody else can open, gone when the VMM exits.
+        fd = os.open(path, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    else:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    maps: list[mmap.mmap] = []
+    try:
+        if os.fstat(fd).st_size < need:
+            os.ftruncate(fd, need)  # on hugetlbfs the size must be a huge-page multiple: EINVAL
+        flags = mmap.MAP_SHARED if share else mmap.MAP_PRIVATE
+        offset = 0
+        for _gpa, size in layout:
+            maps.append(mmap.mmap(fd, size, flags, _PROT, offset=offset))
+            offset += size
+    except BaseException:
+        _close_all(maps)
+        raise
+    finally:
+        os.close(fd)
+    return maps
+
+
+def _apply_policy(maps: list[mmap.mmap], backend: MemoryConfig) -> None:
+    for m in maps:
+        if not backend.dump_guest_core:
+            m.madvise(mmap.MADV_DONTDUMP)
+        if backend.prealloc:
+            _populate(m)
+
+
+def _populate(m: mmap.mmap) -> None:
+    """-mem-prealloc: every page present and writable before the guest starts."""
+    try:
+        m.madvise(_MADV_POPULATE_WRITE)
+        return
+    except OSError:
+        pass  # older kernel: touch each page instead, keeping its content (a file may hold data)
+    view = memoryview(m)
+    try:
+        for off in range(0, len(m), PAGE_SIZE):
+            view[off] = view[off]
+    finally:
+        view.release()
 
 
 def _close_all(maps: list[mmap.mmap]) -> list[mmap.mmap]:

@@ -115,3 +115,102 @@ def test_discard_returns_whole_pages_only():
     a.discard(m, 0x3800, 0x1000)  # no whole page in range: nothing is lost
     assert m.read(0x3000, 0x1000) == b"x" * 0x1000
     a.free(m)
+
+
+# --- memory backend: -mem-path, mem-share, -mem-prealloc, dump-guest-core ---------------------
+
+def _address(mem) -> int:
+    import ctypes
+
+    return ctypes.addressof(ctypes.c_char.from_buffer(mem.regions[0].view))
+
+
+def _smaps_flags(mem) -> set[str]:
+    """VmFlags of the mapping behind guest RAM, from /proc/self/smaps."""
+    addr = _address(mem)
+    flags: set[str] = set()
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and head == "VmFlags:":
+                flags = set(line.split()[1:])
+    return flags
+
+
+def test_mem_path_file_shared_writes_reach_the_file(tmp_path):
+    from domain.config import MemoryConfig
+
+    path = tmp_path / "ram"
+    alloc = MmapAllocator()
+    mem = alloc.allocate([(0, 2 * MiB), (1 << 32, MiB)],
+                         backend=MemoryConfig(size=3 * MiB, mem_path=str(path), mem_share=True))
+    try:
+        mem.write(0x10, b"low")
+        mem.write((1 << 32) + 0x20, b"high")
+        assert "sh" in _smaps_flags(mem)
+        data = path.read_bytes()
+        assert len(data) == 3 * MiB  # created and grown to the RAM size
+        assert data[0x10:0x13] == b"low" and data[2 * MiB + 0x20:2 * MiB + 0x24] == b"high"
+        # The balloon gives pages back: a shared file's pages are freed, the guest reads zeros.
+        alloc.discard(mem, 0, 2 * MiB)
+        assert mem.read(0x10, 3) == bytes(3) and path.read_bytes()[0x10:0x13] == bytes(3)
+    finally:
+        alloc.free(mem)
+
+
+def test_mem_path_file_private_keeps_the_file_unchanged(tmp_path):
+    from domain.config import MemoryConfig
+
+    path = tmp_path / "ram"
+    path.write_bytes(b"F" * MiB)  # an existing file keeps its content and grows
+    mem = None
+    alloc = MmapAllocator()
+    try:
+        mem = alloc.allocate([(0, 2 * MiB)], backend=MemoryConfig(size=2 * MiB, mem_path=str(path)))
+        assert mem.read(0, 2) == b"FF" and mem.read(MiB, 2) == bytes(2)
+        mem.write(0, b"guest")
+        assert "sh" not in _smaps_flags(mem)
+    finally:
+        if mem is not None:
+            alloc.free(mem)
+    assert path.read_bytes()[:5] == b"FFFFF" and path.stat().st_size == 2 * MiB
+
+
+def test_mem_path_directory_gets_an_unlinked_file(tmp_path):
+    from domain.config import MemoryConfig
+
+    alloc = MmapAllocator()
+    mem = alloc.allocate([(0, MiB)], backend=MemoryConfig(size=MiB, mem_path=str(tmp_path), mem_share=True))
+    try:
+        mem.write(0, b"x")
+        assert list(tmp_path.iterdir()) == []  # nothing left to clean up, nothing to open
+        assert mem.read(0, 1) == b"x"
+    finally:
+        alloc.free(mem)
+
+
+def test_prealloc_populates_and_dump_off_marks_dontdump(tmp_path):
+    from domain.config import MemoryConfig
+
+    alloc = MmapAllocator()
+    mem = alloc.allocate([(0, 4 * MiB)], backend=MemoryConfig(size=4 * MiB, prealloc=True, dump_guest_core=False))
+    try:
+        assert "dd" in _smaps_flags(mem)
+        with open("/proc/self/pagemap", "rb") as f:  # every page present (bit 63) before any use
+            f.seek(_address(mem) // 4096 * 8)
+            entries = f.read(4 * MiB // 4096 * 8)
+        present = sum(int.from_bytes(entries[i:i + 8], "little") >> 63 for i in range(0, len(entries), 8))
+        assert present == 4 * MiB // 4096
+    finally:
+        alloc.free(mem)
+
+
+def test_mem_path_that_cannot_be_created_is_a_host_resource_error(tmp_path):
+    from domain.config import MemoryConfig
+
+    with pytest.raises(HostResourceError, match="cannot map guest RAM .*No such file"):
+        MmapAllocator().allocate([(0, MiB)], backend=MemoryConfig(size=MiB, mem_path=str(tmp_path / "no" / "ram")))

@@ -121,7 +121,7 @@ def _refusals(f):
         (["-drive", f"file={d},id=d0", *blk], "-drive", "Is a directory"),
         (["-kernel", f"{d}/missing-vmlinux"], "-kernel", "No such file or directory"),
         (["-initrd", f"{d}/missing-initrd"], "-initrd", "No such file or directory"),
-        (["-mem-path", f"{d}/missing"], "-mem-path", "No such file or directory"),
+        (["-mem-path", f"{d}/missing/ram"], "-mem-path", "does not exist"),
         (["-incoming", "bogus"], "-incoming", "is not file:DIR, tcp:HOST:PORT or unix:PATH"),
         (["-incoming", "fd:3"], "-incoming", "not supported by pystrato yet"),
         (["-incoming", f"file:{d}/missing"], "-incoming", "is not a directory"),
