@@ -151,6 +151,7 @@ class Runtime:
         self.events = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.migration = None
+        self._serial_chardev = None  # -serial chardev:ID / socket: its backend, for input
 
     async def start(self, loop, request_exit) -> None:
         from adapters.qmp.events import QmpEventBroadcaster
@@ -174,7 +175,7 @@ class Runtime:
 
             records, memory_file = load_snapshot(cfg.incoming[5:], cfg, c.hypervisor().kind,
                                                  c.snapshot_store())
-        console = _console_writer(cfg)
+        console, self._serial_chardev = _console_output(cfg, c.chardev_opener())
         devices = DeviceManager(
             cfg, block_opener=c.block_opener(), net_opener=c.net_opener(), probe=c.probe(),
             poller=c.poller(), guest_agent=c.guest_agent(), console_write=console,
@@ -234,6 +235,11 @@ class Runtime:
             self.vm.start(RunState.RUNNING)
         if cfg.serial.backend == "stdio":
             _start_stdin_reader(self.vm)
+        elif self._serial_chardev is not None:
+            serial = getattr(self.vm.devices.platform, "serial", None)
+            if serial is not None:
+                serial.on_room = self._serial_chardev.input_ready
+                self._serial_chardev.start(serial.offer_input)
 
     def on_signal(self) -> None:
         if self.vm is not None:
@@ -306,7 +312,8 @@ def _write_file(path: str, data: bytes) -> None:
         raise HostResourceError(f"cannot write '{path}': {e.strerror}") from None
 
 
-def _console_writer(cfg: VmConfig):
+def _console_output(cfg: VmConfig, chardevs):
+    """(write function for the serial's output, the chardev it uses or None)."""
     s = cfg.serial
     if s.backend == "stdio":
         out = sys.stdout.buffer
@@ -315,11 +322,15 @@ def _console_writer(cfg: VmConfig):
             out.write(data)
             out.flush()
 
-        return write
+        return write, None
     if s.backend == "file":
         f = open(s.path, "ab", buffering=0)
-        return f.write
-    return None
+        return f.write, None
+    if s.backend == "chardev":
+        chardev = next(c for c in cfg.chardevs if c.id == s.chardev)  # the parser checked the id
+        backend = chardevs.open(chardev)
+        return backend.write, backend
+    return None, None
 
 
 def _start_stdin_reader(vm) -> None:

@@ -67,6 +67,8 @@ class Serial:
         self.lock = threading.Lock()  # shared with the bus: guest access vs. enqueue_input
         self.dropped_input = 0
         self.output_errors = 0
+        # A chardev's input waits instead of being dropped: told here when the FIFO drained.
+        self.on_room: Callable[[], object] | None = None
         self._reset_registers()
 
     def _reset_registers(self) -> None:
@@ -115,6 +117,16 @@ class Serial:
             self._update_irq()
         return taken
 
+    def offer_input(self, data) -> int:
+        """Input with back-pressure (a chardev): take what fits; the sender keeps the rest and
+        offers it again after ``on_room``. Nothing is dropped, no overrun is signalled."""
+        with self.lock:
+            taken = min(FIFO_SIZE - len(self._fifo), len(data))
+            if taken:
+                self._fifo.extend(data[:taken])
+                self._update_irq()
+            return taken
+
     def fifo_free(self) -> int:
         """Room left in the receive FIFO (for host-side flow control)."""
         return FIFO_SIZE - len(self._fifo)
@@ -136,7 +148,11 @@ class Serial:
         if offset == DATA:
             if dlab:
                 return self._divisor & 0xFF
-            value = self._fifo.popleft() if self._fifo else 0
+            value = 0
+            if self._fifo:
+                value = self._fifo.popleft()
+                if not self._fifo and self.on_room is not None:
+                    self.on_room()  # never blocks (CharBackend.input_ready)
             self._update_irq()
             return value
         if offset == IER:

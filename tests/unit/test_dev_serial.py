@@ -154,3 +154,21 @@ def test_state_round_trip_and_validation():
     for bad in ({}, {**state, "fifo": bytes(65)}, {**state, "ier": "x"}, {**state, "ier": True}):
         with pytest.raises(SnapshotFormatError):
             Uart().dev.restore_state(bad)
+
+
+def test_offered_input_waits_instead_of_overrunning():
+    """A chardev offers input: the UART takes what fits, signals no overrun, drops nothing, and
+    asks for more (on_room) once the guest drained the FIFO."""
+    u = Uart()
+    rooms = []
+    u.dev.on_room = lambda: rooms.append(True)
+    data = bytes(range(100))
+    taken = u.dev.offer_input(data)
+    assert taken == s.FIFO_SIZE and u.dev.dropped_input == 0
+    assert not u.r(s.LSR) & s.LSR_OE
+    assert u.dev.offer_input(data[taken:]) == 0  # full: the sender keeps it
+    got = bytes(u.r(s.DATA) for _ in range(s.FIFO_SIZE - 1))
+    assert rooms == []  # not empty yet
+    got += bytes([u.r(s.DATA)])
+    assert rooms == [True] and got == data[:taken]
+    assert u.dev.offer_input(data[taken:]) == len(data) - s.FIFO_SIZE
