@@ -50,7 +50,16 @@ FEATURES: dict[str, tuple[int, int, str, int]] = {
     "sse4a": (0x80000001, 0, "ecx", 6), "3dnowprefetch": (0x80000001, 0, "ecx", 8),
     "topoext": (0x80000001, 0, "ecx", 22), "nx": (0x80000001, 0, "edx", 20),
     "pdpe1gb": (0x80000001, 0, "edx", 26), "rdtscp": (0x80000001, 0, "edx", 27),
+    # KVM paravirtual features, leaf 0x40000001 EAX (QEMU's names; Linux does not print these)
+    "kvm-pv-unhalt": (0x40000001, 0, "eax", 7), "kvm-pv-ipi": (0x40000001, 0, "eax", 11),
+    "kvm-pv-sched-yield": (0x40000001, 0, "eax", 13),
 }
+
+# KVM paravirtual features a guest reaches through hypercalls (VMCALL): PV spinlock kicks
+# (KVM_HC_KICK_CPU), PV IPIs (KVM_HC_SEND_IPI) and directed yield (KVM_HC_SCHED_YIELD). Linux
+# uses them only with more than one possible CPU; a host whose hypercalls do not return must
+# not offer them (adapters/kvm/probe.py).
+HYPERCALL_FEATURES = ("kvm-pv-unhalt", "kvm-pv-ipi", "kvm-pv-sched-yield")
 
 
 def check_features(names: Iterable[str]) -> None:

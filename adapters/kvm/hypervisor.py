@@ -67,6 +67,8 @@ class KvmHypervisor:
         self.saveable_msrs: tuple[int, ...] | None = None  # learned from the first vCPU saved
         self._lock = threading.Lock()
         self._warned: set[tuple[str, ...]] = set()
+        self._hypercalls: bool | None = None
+        self._probe_lock = threading.Lock()  # the probe's VM calls back into this object
 
     @property
     def fd(self) -> int:
@@ -97,6 +99,15 @@ class KvmHypervisor:
                 n = check(lib.px_get_msr_index_list(self._fd, buf, _MAX_MSRS), "KVM_GET_MSR_INDEX_LIST")
                 self._msr_index = tuple(buf[0:n])
             return self._msr_index
+
+    def hypercalls_complete(self) -> bool:
+        """Whether a guest's VMCALL returns on this host (probed once, with a throw-away VM)."""
+        with self._probe_lock:
+            if self._hypercalls is None:
+                from adapters.kvm.probe import hypercalls_complete
+
+                self._hypercalls = hypercalls_complete(self)
+            return self._hypercalls
 
     def warn_unhidden(self, names: tuple[str, ...]) -> None:
         """Logged once per set of names, not once per vCPU."""

@@ -10,6 +10,7 @@ is all the kvm_run protocol allows anyway (the data lives in kvm_run).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import mmap
 import os
@@ -25,6 +26,7 @@ from adapters.kvm.errors import KvmIoctlError, check
 from adapters.kvm.hypervisor import KICK_SIGNAL
 from adapters.kvm.msr import BOOT_MSRS
 from domain import vcpu_exit as ve
+from domain.cpu_features import HYPERCALL_FEATURES
 from domain.cpu_state import Regs, Sregs, VcpuSetup
 from domain.errors import HypervisorError, SnapshotFormatError
 
@@ -223,6 +225,10 @@ class KvmVcpu:
     # --- boot setup --------------------------------------------------------------------------------
 
     def setup(self, cfg: VcpuSetup) -> None:
+        if cfg.nr_vcpus > 1 and not self._hv.hypercalls_complete():
+            # An SMP guest would wait forever in its first PV IPI or spinlock kick.
+            extra = tuple(n for n in HYPERCALL_FEATURES if n not in cfg.hidden_features)
+            cfg = dataclasses.replace(cfg, hidden_features=cfg.hidden_features + extra)
         entries = cpuid_rules.normalize(self._hv.supported_cpuid(), cfg, lib.KVM_CPUID_FLAG_SIGNIFCANT_INDEX)
         self.set_cpuid(entries)
         # Some hosts (kvm-pvm) put host bits back into leaves 1, 7 and 0xD: say which hidden
