@@ -7,6 +7,7 @@ from typing import Any
 
 from domain.config import MICROVM, DeviceConfig
 from domain.errors import ConfigError, InvalidArgumentError, InvalidStateError
+from domain.lifecycle import RunState
 from domain.topology import parse_addr
 
 from application.api import AfterReply
@@ -68,6 +69,15 @@ class Management:
         return {}
 
     def cont(self) -> dict:
+        # The memory must not change under a snapshot writer (it has no dirty log), nor during
+        # a migration's final pass. QEMU refuses the latter ("Migration is not finalized yet");
+        # the lifecycle refuses both anyway, these are the clear words.
+        st = self.vm.run_state
+        if st is RunState.SAVE_VM:
+            raise InvalidStateError("a snapshot is being written: the VM cannot be resumed until "
+                                    "it completes or migrate_cancel stops it")
+        if st is RunState.FINISH_MIGRATE:
+            raise InvalidStateError("Migration is not finalized yet: the VM cannot be resumed")
         self.vm.cont()
         return {}
 

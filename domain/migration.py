@@ -108,12 +108,17 @@ class MigrationState:
     def in_progress(self) -> bool:
         return self._status not in _TERMINAL
 
+    def check_idle(self) -> None:
+        """Refuse a new job while one runs (before anything else is looked at)."""
+        st = self._status
+        if st not in _TERMINAL:
+            raise InvalidStateError(
+                f"a migration or snapshot is already in progress (status '{st.value}')")
+
     def begin(self, kind: str) -> None:
         """Start a new job (-> setup). Refused while another one runs."""
         with self._lock:
-            if self._status not in _TERMINAL:
-                raise InvalidStateError(
-                    f"a migration or snapshot is already in progress (status '{self._status.value}')")
+            self.check_idle()
             self._kind = kind
             self._stats = MigrationStats(total=0)
             self._error = None
@@ -125,6 +130,15 @@ class MigrationState:
         with self._lock:
             self._set(dst)
         self._notify(dst)
+
+    def activate(self) -> bool:
+        """setup -> active, unless a cancel came first (then False: the job must wind up)."""
+        with self._lock:
+            if self._status is not MigrationStatus.SETUP:
+                return False
+            self._set(MigrationStatus.ACTIVE)
+        self._notify(MigrationStatus.ACTIVE)
+        return True
 
     def fail(self, reason: str) -> None:
         """End the running job as failed (no-op when it already ended)."""
@@ -169,14 +183,17 @@ class MigrationState:
             return MigrationStats(**{f.name: getattr(self._stats, f.name) for f in fields(MigrationStats)})
 
     def query_migrate_info(self) -> dict:
-        """query-migrate's reply. A snapshot (and the destination side) report the status alone,
-        exactly as the manual shows; a live migration adds QEMU's progress figures."""
+        """query-migrate's reply. The status alone before and after a snapshot, exactly as the
+        manual shows, and on the destination side; QEMU's progress figures while a snapshot
+        is written and during and after a live migration."""
         with self._lock:
             st, s, kind, err = self._status, self._stats, self._kind, self._error
             info: dict[str, Any] = {"status": st.value}
             if st is MigrationStatus.FAILED and err:
                 info["error-desc"] = err
-            if kind != KIND_MIGRATION or st not in (M.ACTIVE, M.CANCELLING, M.COMPLETED):
+            shown = {KIND_MIGRATION: (M.ACTIVE, M.CANCELLING, M.COMPLETED),
+                     KIND_SNAPSHOT: (M.ACTIVE, M.CANCELLING)}.get(kind, ())
+            if st not in shown:
                 return info
             info["total-time"] = s.total_time
             info["setup-time"] = s.setup_time

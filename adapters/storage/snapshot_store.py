@@ -14,12 +14,16 @@ import secrets
 import stat
 from typing import Callable
 
+Progress = Callable[[int, int], None]
+
 from domain.errors import MigrationError, SnapshotFormatError
 from domain.memory import GuestMemory
 from domain.snapshot_format import MAX_STATE_FILE, PREFIX_SIZE, check_state_prefix, nonzero_runs
 
 MEMORY_FILE = "memory"
 STATE_FILE = "state"
+# Progress is reported (and a cancel noticed) after each chunk of this many bytes of RAM.
+CHUNK = 16 << 20
 
 ZeroScanner = Callable[[memoryview], list[tuple[int, int]]]
 
@@ -41,13 +45,27 @@ class FileSnapshotStore:
 
     # --- save ---------------------------------------------------------------------------------
 
-    def save(self, directory: str, state: bytes, memory: GuestMemory) -> None:
+    def check_target(self, directory: str) -> None:
+        """OSError unless DIR is an existing directory this process may create files in."""
+        st = os.stat(directory)
+        if not stat.S_ISDIR(st.st_mode):
+            raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+
+    def save(self, directory: str, state: bytes, memory: GuestMemory, *,
+             progress: Progress | None = None, publish: Callable[[], None] | None = None) -> None:
+        """See application.services.snapshot.SnapshotStore.save. An exception from progress or
+        publish (a cancel) removes the temporary files: a cancelled save leaves DIR as it was."""
         token = f"{os.getpid()}-{secrets.token_hex(4)}"
         mem_tmp = os.path.join(directory, f".{MEMORY_FILE}.tmp-{token}")
         state_tmp = os.path.join(directory, f".{STATE_FILE}.tmp-{token}")
+        report = progress or (lambda data, done: None)
         try:
-            self._write_memory(mem_tmp, memory)
+            self._write_memory(mem_tmp, memory, report)
             self._write_file(state_tmp, memoryview(state))
+            if publish is not None:
+                publish()
             state_path = os.path.join(directory, STATE_FILE)
             # Drop the old state first: a crash between the two renames then leaves no state
             # file (refused clearly) rather than an old state paired with new memory.
@@ -74,17 +92,25 @@ class FileSnapshotStore:
     def _create(self, path: str) -> int:
         return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
 
-    def _write_memory(self, path: str, memory: GuestMemory) -> None:
+    def _write_memory(self, path: str, memory: GuestMemory, report: Progress) -> None:
         fd = self._create(path)
         try:
             # The full size first (sparse), then only the non-zero runs: zero pages stay holes,
             # which read back as zeros through the MAP_PRIVATE mapping of a restore.
             os.ftruncate(fd, memory.size)
-            base = 0
+            report(0, 0)
+            base = data = 0
             for region in memory.regions:
                 for off, length in self._scan(region.view):
-                    _pwrite_all(fd, region.view[off : off + length], base + off)
+                    end = off + length
+                    while off < end:
+                        n = min(CHUNK, end - off)
+                        _pwrite_all(fd, region.view[off : off + n], base + off)
+                        off += n
+                        data += n
+                        report(data, base + off)
                 base += region.size
+                report(data, base)
             if self._durable:
                 os.fsync(fd)
         finally:

@@ -21,6 +21,7 @@ import time
 from typing import Callable, Iterator, Protocol, Sequence
 
 from application.migratable import MigratableVm
+from application.services.jobs import Cancelled, JobRunner, Progress, ms
 from application.services.snapshot import SnapshotService, memory_layout
 from domain.errors import (
     InvalidArgumentError,
@@ -93,64 +94,19 @@ class ChannelFactory(Protocol):
         """Bind and listen now, so an unusable address fails at start-up."""
 
 
-class _Cancelled(Exception):
-    pass
-
-
-def _ms(seconds: float) -> int:
-    return int(seconds * 1000)
-
-
-class _Counter:
-    """Progress of the source worker; pushes QEMU-style figures into MigrationState."""
-
-    def __init__(self, state: MigrationState, clock: Callable[[], float], log: logging.Logger,
-                 interval: float):
-        self.state, self.clock, self.log, self.interval = state, clock, log, interval
-        self.t_start = clock()
-        self.t_active = self.t_start
-        self.t_logged = self.t_start
-        self.transferred = 0
-        self.remaining = 0
-        self.normal = 0
-        self.duplicate = 0
-        self.rounds = 0
-        self.dirty_rate = 0
-        self.expected_downtime = 0
-
-    def bandwidth(self) -> float:
-        """Bytes per second since the transfer began (inf until anything was measurable)."""
-        dt = self.clock() - self.t_active
-        return self.transferred / dt if dt > 0 and self.transferred else float("inf")
-
-    def push(self) -> None:
-        now = self.clock()
-        dt = now - self.t_active
-        mbps = self.transferred * 8 / 1e6 / dt if dt > 0 else 0.0
-        self.state.update(
-            transferred=self.transferred, remaining=self.remaining, normal=self.normal,
-            duplicate=self.duplicate, dirty_sync_count=self.rounds,
-            dirty_pages_rate=self.dirty_rate, mbps=mbps,
-            expected_downtime=self.expected_downtime, total_time=_ms(now - self.t_start))
-        if now - self.t_logged >= self.interval:
-            self.t_logged = now
-            self.log.info(
-                "migration: round %d, %d MiB sent, %d MiB remaining, %.0f Mbps, "
-                "dirty rate %d pages/s", self.rounds, self.transferred >> 20,
-                self.remaining >> 20, mbps, self.dirty_rate)
-
-
 class MigrationService:
     def __init__(self, vm: MigratableVm, channel_factory: ChannelFactory, state: MigrationState,
                  log: logging.Logger | None = None, *,
                  downtime_limit: float = 0.3, max_rounds: int = 30, io_timeout: float = 30.0,
                  batch_bytes: int = 1 << 20, zero_scanner: ZeroScanner | None = None,
                  clock: Callable[[], float] = time.monotonic, cancel_grace: float = 2.0,
-                 progress_interval: float = 1.0, fresh_memory: bool = True):
+                 progress_interval: float = 1.0, fresh_memory: bool = True,
+                 jobs: JobRunner | None = None):
         """``downtime_limit`` (s): the pause the final pass may cost (QEMU's default, 300 ms).
         ``zero_scanner``: finds the non-zero runs of a region (an adapter can skip pages the
         host never populated). ``fresh_memory``: the destination's RAM is newly allocated
-        (all zero), so zero pages of the first pass need no work there."""
+        (all zero), so zero pages of the first pass need no work there. ``jobs``: the VM's
+        one background job slot, shared with the snapshot service."""
         self._vm = vm
         self._factory = channel_factory
         self._state = state
@@ -167,7 +123,7 @@ class MigrationService:
         self._lock = threading.Lock()
         self._channel: MigrationChannel | None = None
         self._listener: MigrationListener | None = None
-        self._thread: threading.Thread | None = None
+        self._jobs = jobs or JobRunner(state, self._log)
         self._closing = False
 
     # -----------------------------------------------------------------------------------------
@@ -181,6 +137,7 @@ class MigrationService:
         u = parse_migration_uri(uri)
         if u.scheme not in ("tcp", "unix"):
             raise InvalidArgumentError(f"live migration needs a tcp: or unix: URI, not '{uri}'")
+        self._state.check_idle()
         vm = self._vm
         rs = vm.run_state
         if rs not in (RunState.RUNNING, RunState.PAUSED):
@@ -188,15 +145,13 @@ class MigrationService:
         blockers = merge_blockers(migration_blockers(vm.config), vm.migration_blockers())
         if blockers:
             raise MigrationError("live migration is not possible with " + ", ".join(blockers))
-        self._state.begin(KIND_MIGRATION)
-        t = threading.Thread(target=self._outgoing, args=(u, verify), name="migration-out", daemon=True)
-        self._thread = t
-        t.start()
+        self._jobs.start(KIND_MIGRATION, "migration-out", lambda: self._outgoing(u, verify))
         return {}
 
     def migrate_cancel(self) -> dict:
-        """Ask the running migration to stop; the worker sends CANCEL between two batches. If it
-        is stuck in the network, the connection is cut after a grace period."""
+        """Ask the running job (live migration or snapshot write) to stop; the worker notices it
+        between two batches (a migration then sends CANCEL). A migration stuck in the network
+        has its connection cut after a grace period."""
         if self._state.request_cancel():
             self._log.info("migration: cancel requested")
             timer = threading.Timer(self._cancel_grace, self._abort_stuck_cancel)
@@ -206,11 +161,7 @@ class MigrationService:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Join the source worker (tests, shutdown). True when no worker is running."""
-        t = self._thread
-        if t is not None:
-            t.join(timeout)
-            return not t.is_alive()
-        return True
+        return self._jobs.wait(timeout)
 
     def _abort_stuck_cancel(self) -> None:
         with self._lock:
@@ -219,12 +170,11 @@ class MigrationService:
             ch.abort()
 
     def _check_cancel(self) -> None:
-        if self._state.cancel_requested:
-            raise _Cancelled()
+        self._jobs.check_cancel()
 
     def _outgoing(self, uri: MigrationUri, verify: bool) -> None:
         vm, state = self._vm, self._state
-        c = _Counter(state, self._clock, self._log, self._progress_interval)
+        c = Progress(state, self._clock, self._log, self._progress_interval)
         ch: MigrationChannel | None = None
         dirty_log = False
         paused_by_us = False
@@ -245,10 +195,9 @@ class MigrationService:
                 raise MigrationError(f"destination refused the migration: {reply.reason}")
             if not isinstance(reply, proto.Accept):
                 raise SnapshotFormatError(f"unexpected {type(reply).__name__} from the destination")
-            self._check_cancel()
-            state.transition(MigrationStatus.ACTIVE)
-            c.t_active = self._clock()
-            state.update(setup_time=_ms(c.t_active - c.t_start), total=vm.memory.size)
+            if not state.activate():
+                raise Cancelled()
+            c.activated(vm.memory.size)
             self._log.info("migration to %s started (%d MiB of guest RAM)", uri, vm.memory.size >> 20)
 
             vm.start_dirty_log()
@@ -274,7 +223,7 @@ class MigrationService:
                 c.transferred += len(frame)
             digest = memory_digest(vm.memory) if verify else None
             if not state.commit():
-                raise _Cancelled()
+                raise Cancelled()
             ch.send([proto.encode(proto.Complete(run=was_running, digest=digest))])
             reply = self._read_message(ch, "destination")
             if isinstance(reply, proto.Error):
@@ -287,14 +236,14 @@ class MigrationService:
             vm.set_run_state(RunState.POSTMIGRATE)
             c.remaining = 0
             c.push()
-            state.update(downtime=_ms(now - t_pause), total_time=_ms(now - c.t_start))
+            state.update(downtime=ms(now - t_pause), total_time=ms(now - c.t_start))
             state.transition(MigrationStatus.COMPLETED)
             self._log.info("migration completed: %d MiB sent in %d rounds, %d ms total, %d ms downtime",
-                           c.transferred >> 20, c.rounds, _ms(now - c.t_start), _ms(now - t_pause))
+                           c.transferred >> 20, c.rounds, ms(now - c.t_start), ms(now - t_pause))
             self._close_channel(ch)
             ch = None
             vm.request_exit(0)
-        except _Cancelled:
+        except Cancelled:
             self._send_quietly(ch, proto.Cancel())
             self._recover(dirty_log, paused_by_us)
             state.transition(MigrationStatus.CANCELLED)
@@ -353,7 +302,7 @@ class MigrationService:
                 self._channel = None
         ch.close()
 
-    def _send_full_pass(self, ch: MigrationChannel, c: _Counter) -> None:
+    def _send_full_pass(self, ch: MigrationChannel, c: Progress) -> None:
         """Every page once, zero pages as flags; the dirty log catches what changes meanwhile."""
         c.remaining = self._vm.memory.size
         for region in self._vm.memory.regions:
@@ -369,7 +318,7 @@ class MigrationService:
             self._send_batches(ch, c, runs)
         self._end_round(ch, c, 0)
 
-    def _end_round(self, ch: MigrationChannel, c: _Counter, rnd: int) -> None:
+    def _end_round(self, ch: MigrationChannel, c: Progress, rnd: int) -> None:
         """ITERATION_END: after it, zero pages are real changes the destination must apply
         (during the first pass its fresh RAM is already zero)."""
         frame = proto.encode(proto.IterationEnd(rnd))
@@ -377,7 +326,7 @@ class MigrationService:
         c.transferred += len(frame)
         c.push()
 
-    def _converge(self, ch: MigrationChannel, c: _Counter) -> list[int]:
+    def _converge(self, ch: MigrationChannel, c: Progress) -> list[int]:
         """Dirty rounds until the rest fits the downtime budget; returns the pages still to send."""
         vm = self._vm
         t_round = c.t_active
@@ -391,7 +340,7 @@ class MigrationService:
             t_round = now
             c.remaining = len(dirty) * PAGE_SIZE
             expected = c.remaining / c.bandwidth()
-            c.expected_downtime = _ms(expected)
+            c.expected_downtime = ms(expected)
             c.push()
             if expected <= self._downtime_limit or rnd >= self._max_rounds:
                 if rnd >= self._max_rounds and expected > self._downtime_limit:
@@ -402,7 +351,7 @@ class MigrationService:
             self._end_round(ch, c, rnd)
             rnd += 1
 
-    def _send_runs(self, ch: MigrationChannel, c: _Counter, runs: list[tuple[int, int]]) -> None:
+    def _send_runs(self, ch: MigrationChannel, c: Progress, runs: list[tuple[int, int]]) -> None:
         """Dirty (gpa, npages) runs: split by region and by zero/non-zero content."""
         mem = self._vm.memory
         items: list[tuple[int, int, bool]] = []
@@ -430,7 +379,7 @@ class MigrationService:
                 yield gpa, (stop - gpa) // PAGE_SIZE
                 gpa = stop
 
-    def _send_batches(self, ch: MigrationChannel, c: _Counter, items: list[tuple[int, int, bool]]) -> None:
+    def _send_batches(self, ch: MigrationChannel, c: Progress, items: list[tuple[int, int, bool]]) -> None:
         """PAGES messages of at most batch_pages pages of data and MAX_RUNS runs each, the data
         written straight from guest memory."""
         mem = self._vm.memory
@@ -693,8 +642,11 @@ class MigrationFacade:
                  log: logging.Logger | None = None, state: MigrationState | None = None,
                  **migration_options):
         self.state = state or MigrationState()
-        self.snapshots = SnapshotService(vm, store, self.state, log)
-        self.migration = MigrationService(vm, channels, self.state, log, **migration_options)
+        # One job slot: a snapshot write and an outgoing migration run the same way, one at a time.
+        self.jobs = JobRunner(self.state, log)
+        self.snapshots = SnapshotService(vm, store, self.state, log, jobs=self.jobs)
+        self.migration = MigrationService(vm, channels, self.state, log, jobs=self.jobs,
+                                          **migration_options)
         self._incoming: threading.Thread | None = None
 
     def query(self) -> dict:
@@ -702,7 +654,7 @@ class MigrationFacade:
         return self.state.query_migrate_info()
 
     def migrate(self, uri: str, **extra) -> dict:
-        """`migrate`: file:DIR (snapshot, synchronous) or tcp:/unix: (background)."""
+        """`migrate`: file:DIR (snapshot) or tcp:/unix: (live migration), both in the background."""
         extra.pop("detach", None)  # QEMU's legacy flag: migration always runs detached
         for flag in ("blk", "inc", "resume"):  # QEMU's flags: accepted when off
             if extra.pop(flag, False):
@@ -713,8 +665,12 @@ class MigrationFacade:
         return dispatch_migrate(uri, extra, snapshot=self.snapshots, migration=self.migration)
 
     def cancel(self) -> dict:
-        """`migrate_cancel`."""
+        """`migrate_cancel`: the running snapshot write or outgoing migration."""
         return self.migration.migrate_cancel()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Join the running job (tests, shutdown). True when none is running."""
+        return self.jobs.wait(timeout)
 
     def incoming(self, uri: str) -> str:
         """-incoming tcp:/unix:. Binds now (MigrationError if it cannot: exit non-zero), then
@@ -726,6 +682,12 @@ class MigrationFacade:
         t.start()
         return address
 
-    def shutdown(self) -> None:
-        """The process is quitting: stop waiting for/receiving an incoming migration."""
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """The process is quitting: stop waiting for/receiving an incoming migration, cancel a
+        snapshot write or outgoing migration and wait for its worker, which reads guest RAM
+        that the teardown is about to free."""
+        if self.state.kind != KIND_INCOMING:
+            self.state.request_cancel()
         self.migration.shutdown()
+        if not self.jobs.wait(timeout):
+            _log.warning("the snapshot/migration worker did not stop within %.0f s", timeout)

@@ -724,9 +724,11 @@ def paused_vm(fraction=0.1, **kw) -> InTestVm:
 
 
 def save(vm: InTestVm, directory, store=None) -> tuple[SnapshotService, MigrationState]:
+    """Start the snapshot (it runs on a worker) and wait for its end."""
     state = MigrationState()
     svc = SnapshotService(vm, store or FileSnapshotStore(), state)
     assert svc.save(str(directory)) == {}
+    assert svc.wait(30)
     return svc, state
 
 
@@ -835,9 +837,20 @@ def _assert_failed_intact(vm: InTestVm, state: MigrationState, before, directory
 
 
 def _failing_save(vm: InTestVm, directory) -> MigrationState:
+    """A target that cannot take a snapshot at all: refused at once by `migrate`, failed."""
     state = MigrationState()
     with pytest.raises(MigrationError, match=f"cannot write snapshot to {directory}"):
         SnapshotService(vm, FileSnapshotStore(), state).save(str(directory))
+    return state
+
+
+def _failing_write(vm: InTestVm, directory) -> MigrationState:
+    """A write that fails on the worker: `migrate` returned {}, the job ends failed."""
+    state = MigrationState()
+    svc = SnapshotService(vm, FileSnapshotStore(), state)
+    assert svc.save(str(directory)) == {}
+    assert svc.wait(30)
+    assert f"cannot write snapshot to {directory}" in state.error
     return state
 
 
@@ -908,7 +921,7 @@ def test_snapshot_on_a_full_disk_fails_and_keeps_the_vm_and_the_old_snapshot(tmp
         old = (small / "state").read_bytes(), (small / "memory").read_bytes()
         vm = paused_vm(1.0)  # 16 MiB of data cannot fit
         before = memory_digest(vm.memory), dict(vm.devstate)
-        state = _failing_save(vm, small)
+        state = _failing_write(vm, small)
         _assert_failed_intact(vm, state, before, small, "No space left on device")
         assert sorted(os.listdir(small)) == ["memory", "state"]
         assert ((small / "state").read_bytes(), (small / "memory").read_bytes()) == old
@@ -931,8 +944,136 @@ def test_snapshot_write_error_injected_mid_memory(tmp_path, monkeypatch):
     monkeypatch.setattr(store_mod.os, "pwrite", flaky)
     vm = paused_vm(0.5)
     before = memory_digest(vm.memory), dict(vm.devstate)
-    state = _failing_save(vm, tmp_path)
+    state = _failing_write(vm, tmp_path)
     _assert_failed_intact(vm, state, before, tmp_path, "Input/output error")
+    assert os.listdir(tmp_path) == []
+
+
+class GatedStore(FileSnapshotStore):
+    """The real store, held at a chosen point of the write until the test opens the gate:
+    at="progress" after the first chunk of memory, at="publish" just before the renames."""
+
+    def __init__(self, at: str = "progress"):
+        super().__init__(durable=False)
+        self.at = at
+        self.reached = threading.Event()
+        self.gate = threading.Event()
+
+    def _hold(self) -> None:
+        self.reached.set()
+        assert self.gate.wait(30)
+
+    def save(self, directory, state, memory, *, progress=None, publish=None):
+        held = []
+
+        def gated_progress(data, done):
+            if self.at == "progress" and data and not held:
+                held.append(1)
+                progress(data, done)  # the figures the QMP side sees while held
+                self._hold()
+            progress(data, done)
+
+        def gated_publish():
+            if self.at == "publish":
+                self._hold()
+            publish()
+
+        super().save(directory, state, memory, progress=gated_progress, publish=gated_publish)
+
+
+def gated_save(vm, directory, at="progress"):
+    store = GatedStore(at)
+    state = MigrationState()
+    svc = SnapshotService(vm, store, state)
+    assert svc.save(str(directory)) == {}
+    assert store.reached.wait(30)
+    return svc, state, store
+
+
+def test_snapshot_is_written_in_the_background_with_progress(tmp_path, monkeypatch):
+    import adapters.storage.snapshot_store as store_mod
+
+    monkeypatch.setattr(store_mod, "CHUNK", 1 << 20)
+    vm = paused_vm(1.0)
+    svc, state, store = gated_save(vm, tmp_path)
+    try:
+        # save() returned while the writer is held after its first chunk
+        info = state.query_migrate_info()
+        assert info["status"] == "active"
+        assert info["ram"]["total"] == CFG.memory.size
+        assert 0 < info["ram"]["transferred"] < CFG.memory.size
+        assert info["ram"]["remaining"] == CFG.memory.size - info["ram"]["transferred"]
+        assert vm.run_state is RunState.SAVE_VM
+        with pytest.raises(InvalidStateError, match="already in progress"):
+            svc.save(str(tmp_path))
+        with pytest.raises(InvalidStateError, match="cannot go from state 'save-vm' to 'running'"):
+            vm.set_run_state(RunState.RUNNING)
+        assert not [n for n in os.listdir(tmp_path) if not n.startswith(".")]
+    finally:
+        store.gate.set()
+    assert svc.wait(30)
+    assert state.query_migrate_info() == {"status": "completed"}
+    assert vm.run_state is RunState.PAUSED
+    records, _ = load_snapshot(str(tmp_path), CFG, "test", FileSnapshotStore())
+    assert records == vm.devstate
+
+
+@pytest.mark.parametrize("at", ["progress", "publish"])
+def test_cancelled_snapshot_leaves_the_old_one_and_the_vm(tmp_path, at):
+    first = paused_vm(0.2)
+    save(first, tmp_path)
+    old = (tmp_path / "state").read_bytes(), (tmp_path / "memory").read_bytes()
+    vm = paused_vm(0.5)
+    before = memory_digest(vm.memory), dict(vm.devstate)
+    svc, state, store = gated_save(vm, tmp_path, at)
+    mig = MigrationService(vm, SocketChannelFactory(), state)
+    assert mig.migrate_cancel() == {}
+    assert state.status is MigrationStatus.CANCELLING
+    store.gate.set()
+    assert svc.wait(30)
+    assert state.query_migrate_info() == {"status": "cancelled"}
+    assert vm.run_state is RunState.PAUSED and (memory_digest(vm.memory), vm.devstate) == before
+    assert sorted(os.listdir(tmp_path)) == ["memory", "state"]  # no temporary file left
+    assert ((tmp_path / "state").read_bytes(), (tmp_path / "memory").read_bytes()) == old
+
+
+def test_cancel_after_the_point_of_no_return_is_ignored(tmp_path):
+    vm = paused_vm(0.2)
+    store = GatedStore("publish")
+    state = MigrationState()
+    svc = SnapshotService(vm, store, state)
+    real_publish = []
+
+    def late_cancel(self, directory, st, memory, *, progress=None, publish=None):
+        def publish_then_cancel():
+            publish()
+            real_publish.append(state.request_cancel())
+        return FileSnapshotStore.save(self, directory, st, memory, progress=progress,
+                                      publish=publish_then_cancel)
+
+    store.save = late_cancel.__get__(store)
+    assert svc.save(str(tmp_path)) == {}
+    assert svc.wait(30)
+    assert real_publish == [False]
+    assert state.query_migrate_info() == {"status": "completed"}
+    assert sorted(os.listdir(tmp_path)) == ["memory", "state"]
+
+
+def test_facade_shutdown_cancels_and_joins_the_snapshot_writer(tmp_path, log):
+    from application.services.migration import MigrationFacade
+
+    vm = paused_vm(0.5)
+    store = GatedStore()
+    f = MigrationFacade(vm, store=store, channels=SocketChannelFactory(), log=log)
+    assert f.migrate(f"file:{tmp_path}") == {}
+    assert store.reached.wait(30)
+    with pytest.raises(InvalidStateError, match="already in progress"):
+        f.migrate(f"unix:{tmp_path}/m.sock")
+    vm.set_run_state(RunState.SHUTDOWN)  # quit
+    threading.Timer(0.05, store.gate.set).start()
+    f.shutdown()
+    assert f.wait(0)  # joined
+    assert f.query() == {"status": "cancelled"}
     assert os.listdir(tmp_path) == []
 
 
@@ -945,6 +1086,7 @@ def test_snapshot_again_after_completion_and_after_failure(tmp_path):
     assert state.status is MigrationStatus.FAILED
     (tmp_path / "b").mkdir()
     assert svc.save(str(tmp_path / "b")) == {}
+    assert svc.wait(30)
     assert state.status is MigrationStatus.COMPLETED
 
 
@@ -954,6 +1096,7 @@ def test_dispatch_routes_file_and_sockets(tmp_path, log):
     snap = SnapshotService(vm, FileSnapshotStore(), state)
     mig = MigrationService(vm, SocketChannelFactory(), state, log)
     assert dispatch_migrate(f"file:{tmp_path}", {}, snapshot=snap, migration=mig) == {}
+    assert snap.wait(30)
     assert state.status is MigrationStatus.COMPLETED and (tmp_path / "state").exists()
     with pytest.raises(InvalidArgumentError, match="verify"):
         dispatch_migrate(f"unix:{tmp_path}/x", {"verify": "yes"}, snapshot=snap, migration=mig)
@@ -1158,12 +1301,14 @@ def test_facade_drives_snapshot_migration_and_incoming(tmp_path, log):
     f = MigrationFacade(src, store=FileSnapshotStore(), channels=SocketChannelFactory(), log=log)
     assert f.query() == {"status": "none"}
     assert f.migrate(f"file:{tmp_path}") == {}
+    assert f.wait(30)
     assert f.query() == {"status": "completed"}
     with pytest.raises(InvalidArgumentError, match="'blk' is not supported"):
         f.migrate(f"file:{tmp_path}", blk=True)
     with pytest.raises(InvalidArgumentError, match="unexpected migrate argument"):
         f.migrate(f"file:{tmp_path}", bogus=True)
     assert f.migrate(f"file:{tmp_path}", blk=False, inc=False, resume=False) == {}  # QEMU's flags, off
+    assert f.wait(30) and f.query() == {"status": "completed"}
 
     dst = InTestVm(state=RunState.PRELAUNCH)
     g = MigrationFacade(dst, store=FileSnapshotStore(), channels=SocketChannelFactory(), log=log)

@@ -117,7 +117,8 @@ async def take_snapshot(vmm: Vmm, snap: str, touches: list[tuple[int, int]] = ()
             await q.execute("x-guest-touch", {"pages": pages, "seed": seed})
         await q.execute("stop")
         assert await q.execute("migrate", {"uri": f"file:{snap}"}) == {}
-        assert await q.execute("query-migrate") == {"status": "completed"}
+        assert await wait_status(q) == {"status": "completed"}
+        assert await q.execute("query-status") == STATUS_PAUSED
         return await digest(q)
 
 
@@ -157,8 +158,8 @@ def test_snapshot_then_restore(work, machine):
             assert info["status"] == "failed" and "No such file" in info["error-desc"]
             assert await q.execute("query-status") == STATUS_PAUSED
 
-            assert await q.execute("migrate", {"uri": f"file:{snap}"}) == {}
-            assert await q.execute("query-migrate") == {"status": "completed"}
+            assert await q.execute("migrate", {"uri": f"file:{snap}"}) == {}  # returns at once
+            assert await wait_status(q) == {"status": "completed"}
             assert await q.execute("query-status") == STATUS_PAUSED
             return await digest(q), await q.execute("query-cpus")
 
@@ -263,6 +264,184 @@ def test_five_vms_from_one_template_at_once(work):
     asyncio.run(check())
     assert [v.wait() for v in vms] == [0] * 5
     assert dir_digest(snap) == files
+
+
+# ---------------------------------------------------------------------------------------------
+# The snapshot write runs in the background
+#
+# Ordering, not timing: the snapshot directory is on an ext4 file system that the test freezes
+# (fsfreeze). The writer blocks in its first file creation until the test thaws it, so whatever
+# QMP answers before the thaw was answered while the snapshot was being written.
+# ---------------------------------------------------------------------------------------------
+
+
+class FrozenDir:
+    """An ext4 file system on a loop device whose writes the test holds back (fsfreeze)."""
+
+    def __init__(self, workdir: str, size_mib: int):
+        self.image = os.path.join(workdir, "fs.img")
+        self.path = os.path.join(workdir, "mnt")
+        self.frozen = False
+        os.mkdir(self.path)
+        with open(self.image, "wb") as f:
+            f.truncate(size_mib * MIB)
+        subprocess.run(["mkfs.ext4", "-q", "-F", self.image], check=True, capture_output=True)
+        subprocess.run(["mount", "-o", "loop", self.image, self.path], check=True, capture_output=True)
+
+    def freeze(self) -> None:
+        os.sync()
+        subprocess.run(["fsfreeze", "-f", self.path], check=True, capture_output=True)
+        self.frozen = True
+
+    def thaw(self) -> None:
+        if self.frozen:
+            subprocess.run(["fsfreeze", "-u", self.path], check=True, capture_output=True)
+            self.frozen = False
+
+    def close(self) -> None:
+        self.thaw()
+        subprocess.run(["umount", self.path], check=False, capture_output=True)
+
+
+@pytest.fixture
+def frozen(work):
+    """Depends on ``work`` so that it is torn down first: a process blocked on the frozen file
+    system cannot be killed until the file system thaws."""
+    if os.geteuid() != 0 or not shutil.which("fsfreeze") or not os.path.exists("/dev/loop-control"):
+        pytest.skip("needs root, loop devices and fsfreeze")
+    try:
+        fs = FrozenDir(work.dir, 256)
+    except (OSError, subprocess.CalledProcessError) as e:
+        pytest.skip(f"cannot mount an ext4 image here: {e}")
+    yield fs
+    fs.close()
+
+
+BIG_TOUCH = [(15000, 31), (15000, 32)]  # up to ~120 MiB of data in a 512 MiB guest
+
+
+async def gated_snapshot_started(q, fs: FrozenDir, snap: str) -> dict:
+    """Freeze, start the snapshot, return query-migrate once the writer is active (blocked in
+    its first file creation: it cannot get further before the thaw)."""
+    fs.freeze()
+    assert await q.execute("migrate", {"uri": f"file:{snap}"}) == {}
+    return await wait_status(q, done=("active",))
+
+
+def test_qmp_answers_while_a_large_snapshot_is_written(work, frozen):
+    snap = os.path.join(frozen.path, "snap")
+    os.mkdir(snap)
+    vm = work("vm", BIG_MICROVM)
+
+    async def run():
+        async with qmp_session(vm) as q:
+            for pages, seed in BIG_TOUCH:
+                await q.execute("x-guest-touch", {"pages": pages, "seed": seed})
+            await q.execute("stop")
+            want = await digest(q)
+            try:
+                info = await gated_snapshot_started(q, frozen, snap)
+                # Progress figures while the snapshot is written (nothing written yet: frozen).
+                assert {"total-time", "setup-time", "ram"} <= set(info), info
+                assert info["ram"]["total"] == 512 * MIB and info["ram"]["remaining"] == 512 * MIB
+                # Other commands answer meanwhile; the vCPUs stay stopped.
+                assert await q.execute("query-status") == {"running": False, "singlestep": False,
+                                                           "status": "save-vm"}
+                assert (await q.execute("query-migrate"))["status"] == "active"
+                assert len(await q.execute("query-cpus")) == 2
+                assert await digest(q) == want
+                # A second job is refused, whatever its kind.
+                for uri in (f"file:{snap}", f"unix:{work.dir}/m.sock"):
+                    with pytest.raises(ExecuteError, match="already in progress .status 'active'"):
+                        await q.execute("migrate", {"uri": uri})
+                # The memory must not change under the writer: 'cont' is refused, clearly.
+                with pytest.raises(ExecuteError) as ei:
+                    await q.execute("cont")
+                assert ei.value.error_class == "GenericError"
+                assert "snapshot is being written" in str(ei.value)
+                with pytest.raises(ExecuteError, match="not running"):
+                    await q.execute("x-guest-touch", {"pages": 1, "seed": 1})
+                assert (await q.execute("query-migrate"))["status"] == "active"
+                assert os.listdir(snap) == []
+            finally:
+                frozen.thaw()
+            assert await wait_status(q) == {"status": "completed"}
+            assert await q.execute("query-status") == STATUS_PAUSED
+            assert await digest(q) == want
+            await q.execute("quit")
+        return want
+
+    want = asyncio.run(run())
+    assert vm.wait() == 0
+    assert sorted(os.listdir(snap)) == ["memory", "state"]
+    assert re.search(r"snapshot written to .* \(\d+ MiB of data", vm.log()), vm.log()
+    restored = work("restored", [*BIG_MICROVM, "-incoming", f"file:{snap}"])
+
+    async def check():
+        async with qmp_session(restored) as q:
+            assert await q.execute("query-status") == STATUS_RUNNING
+            assert await digest(q) == want
+
+    asyncio.run(check())
+
+
+def test_cancel_during_a_snapshot_keeps_the_vm_and_the_old_snapshot(work, frozen):
+    snap = os.path.join(frozen.path, "snap")
+    vm = work("vm", BIG_MICROVM)
+    old = asyncio.run(take_snapshot(vm, snap, [(10000, 41)]))
+    old_files = dir_digest(snap)
+    other = os.path.join(frozen.path, "other")  # no snapshot there yet
+    after = os.path.join(frozen.path, "after")
+    os.mkdir(other)
+    os.mkdir(after)
+
+    async def run():
+        async with qmp_session(vm) as q:
+            await q.execute("cont")
+            await q.execute("x-guest-touch", {"pages": 10000, "seed": 42})
+            await q.execute("stop")
+            want = await digest(q)
+            assert want != old
+            for target in (snap, other):
+                try:
+                    await gated_snapshot_started(q, frozen, target)
+                    assert await q.execute("migrate_cancel") == {}
+                    # The writer is held back by the frozen file system: the cancel is pending.
+                    assert (await q.execute("query-migrate"))["status"] == "cancelling"
+                    with pytest.raises(ExecuteError, match="snapshot is being written"):
+                        await q.execute("cont")
+                finally:
+                    frozen.thaw()
+                assert await wait_status(q) == {"status": "cancelled"}
+                assert await q.execute("query-status") == STATUS_PAUSED
+                assert await digest(q) == want  # the VM is intact
+            # Nothing half-written is left: the old snapshot is as it was, the empty dir empty.
+            assert dir_digest(snap) == old_files
+            assert os.listdir(other) == []
+            # A restore from the cancelled target is refused.
+            r = await asyncio.to_thread(run_cli, ["-accel", "test", *BIG_MICROVM, "-incoming", f"file:{other}"])
+            assert r.returncode == 1 and "No such file" in one_line(r.stderr)
+            # The VM still works: it runs again, and a snapshot after the cancel succeeds.
+            with q.listener() as events:
+                assert await q.execute("cont") == {}
+                assert (await asyncio.wait_for(events.get(), 5))["event"] == "RESUME"
+            await q.execute("stop")
+            assert await q.execute("migrate", {"uri": f"file:{after}"}) == {}
+            assert await wait_status(q) == {"status": "completed"}
+            return want
+
+    want = asyncio.run(run())
+    # The old snapshot restores to what it held, the one after the cancel to the VM at that time.
+    restored_old = work("old", [*BIG_MICROVM, "-incoming", f"file:{snap}"])
+    restored_new = work("new", [*BIG_MICROVM, "-incoming", f"file:{after}"])
+
+    async def check():
+        async with qmp_session(restored_old) as q:
+            assert await digest(q) == old
+        async with qmp_session(restored_new) as q:
+            assert await digest(q) == want
+
+    asyncio.run(check())
 
 
 # ---------------------------------------------------------------------------------------------

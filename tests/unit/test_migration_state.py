@@ -141,16 +141,55 @@ def test_listener_sees_every_status_in_order():
     assert seen == [S.SETUP, S.ACTIVE, S.CANCELLING, S.CANCELLED]
 
 
-def test_query_before_anything_and_for_snapshots_is_the_status_alone():
+def test_query_before_anything_and_after_a_snapshot_is_the_status_alone():
     st = MigrationState()
     assert st.query_migrate_info() == {"status": "none"}
     st.begin(KIND_SNAPSHOT)
+    assert st.query_migrate_info() == {"status": "setup"}
     st.transition(S.ACTIVE)
-    st.update(transferred=5, total_time=7)
-    assert st.query_migrate_info() == {"status": "active"}
+    st.update(total=1 << 20, transferred=5 * 4096, remaining=4096, normal=5, duplicate=250,
+              total_time=7, setup_time=1)
+    # while the snapshot is written: QEMU's figures, so a client can follow it
+    info = st.query_migrate_info()
+    assert info["status"] == "active" and info["total-time"] == 7 and info["setup-time"] == 1
+    assert {k: info["ram"][k] for k in ("total", "transferred", "remaining", "normal", "duplicate")} == {
+        "total": 1 << 20, "transferred": 5 * 4096, "remaining": 4096, "normal": 5, "duplicate": 250}
     st.transition(S.COMPLETED)
     # exactly what the manual shows after a snapshot
     assert st.query_migrate_info() == {"status": "completed"}
+
+
+def test_a_cancelled_snapshot_reports_the_status_alone():
+    st = MigrationState()
+    st.begin(KIND_SNAPSHOT)
+    st.transition(S.ACTIVE)
+    assert st.request_cancel()
+    assert st.query_migrate_info()["status"] == "cancelling" and "ram" in st.query_migrate_info()
+    st.transition(S.CANCELLED)
+    assert st.query_migrate_info() == {"status": "cancelled"}
+
+
+def test_check_idle_refuses_while_a_job_runs():
+    st = MigrationState()
+    st.check_idle()
+    st.begin(KIND_SNAPSHOT)
+    with pytest.raises(InvalidStateError, match="already in progress .status 'setup'"):
+        st.check_idle()
+    st.transition(S.ACTIVE)
+    st.transition(S.COMPLETED)
+    st.check_idle()
+
+
+def test_activate_loses_to_an_earlier_cancel():
+    st = MigrationState()
+    st.begin(KIND_MIGRATION)
+    assert st.request_cancel()
+    assert not st.activate()
+    assert st.status is S.CANCELLING
+    st.transition(S.CANCELLED)
+    st.begin(KIND_MIGRATION)
+    assert st.activate() and st.status is S.ACTIVE
+    assert not st.activate()  # only from setup
 
 
 def test_query_failed_carries_error_desc():
