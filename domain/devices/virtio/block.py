@@ -4,11 +4,22 @@ readv/writev straight into/out of guest memory views.
 A request is a readable 16-byte header (type, reserved, sector), data buffers, and a writable
 status byte at the very end. Malformed requests complete with an error status (or, without room
 for a status byte, with used length 0); only broken queues make the device need a reset.
+
+Requests in flight: ring work (pop, parse, used ring, interrupt) happens under the device lock;
+data I/O happens outside it. A backend with ``submit(fn, arg)`` runs ``fn(arg)`` on one of its
+own threads (QEMU's aio=threads): every request popped in one go but the last goes there, the
+last one runs on the calling thread, so a lone request costs no thread hand-off and a batch
+overlaps in the host kernel. Requests complete in whatever order they finish (virtio allows it).
+The thread that completes a request looks for new ones; notifications stay off while anything
+is in flight (a completion will look at the ring anyway) and are switched back on, with a
+re-check, only when the device goes idle. Reset, release and snapshot wait for the requests in
+flight first (``quiesce``). Without ``submit`` every request runs under the lock, in order.
 """
 
 from __future__ import annotations
 
 import struct
+import threading
 
 from domain.devices.virtio import iov
 from domain.devices.virtio.device import VIRTIO_ID_BLOCK, VirtioDevice
@@ -54,99 +65,206 @@ class VirtioBlock(VirtioDevice):
         self.capacity = backend.size // SECTOR_SIZE  # in 512-byte sectors
         self.seg_max = queue_size - 2  # room for header and status in a full-size chain
         self.stats = {"rd_ops": 0, "wr_ops": 0, "flush_ops": 0, "rd_bytes": 0, "wr_bytes": 0, "errors": 0}
+        self._submit = getattr(backend, "submit", None)
+        self._in_flight = 0  # requests handed to data I/O and not completed yet
+        self._quiescing = 0  # > 0: pop nothing new (a reset, release or snapshot is waiting)
+        self._unsignalled = False  # used entries added since the last interrupt decision
+        self._idle = threading.Condition(self.lock)
+
+    def bind(self, interrupt, lock) -> None:
+        super().bind(interrupt, lock)
+        self._idle = threading.Condition(lock)
 
     def config_bytes(self) -> bytes:
         # capacity, size_max, seg_max, geometry (cylinders, heads, sectors), blk_size
         return struct.pack("<QIIHBBI", self.capacity, SIZE_MAX, self.seg_max, 0, 0, 0, SECTOR_SIZE)
 
-    def handle_queue(self, index: int) -> None:
-        q = self.queues[0]
-        while True:
-            q.disable_notification()
-            while (chain := q.pop()) is not None:
-                q.add_used(chain.head, self._request(chain))
-            if not q.enable_notification():
-                break
-        self.signal_used(0)
+    # --- queue processing ----------------------------------------------------------------------
 
-    def _request(self, chain: DescriptorChain) -> int:
-        """Execute one request; returns the used length (bytes written into the chain)."""
+    def process_queue(self, index: int) -> None:
+        """The driver notified: take what it posted; data I/O of the last request runs here."""
+        if index != 0:
+            return
+        with self.lock:
+            req = self.guarded(self._collect)
+            self._signal()
+        self._drive(req)
+
+    def _drive(self, req) -> None:
+        """Run ``req`` and whatever the ring holds when it completes (no lock held on entry)."""
+        while req is not None:
+            result = self._execute(req)
+            with self.lock:
+                req = self.guarded(self._complete_and_collect, req, result)
+                self._signal()
+
+    def _collect(self):
+        """Pop every available request (lock held). Requests without data I/O complete at once;
+        with a threaded backend all data requests but the last are submitted to it. Returns the
+        request left for the calling thread to run, or None."""
+        q = self.queues[0]
+        if not self.activated or self._quiescing or not q.active:
+            return None
+        submit = self._submit
+        held = None
+        try:
+            while True:
+                q.disable_notification()
+                while (chain := q.pop()) is not None:
+                    req = self._parse(chain)
+                    if req.__class__ is int:
+                        q.add_used(chain.head, req)
+                        self._unsignalled = True
+                        continue
+                    self._in_flight += 1
+                    if submit is None:
+                        return req  # in order: the caller runs it, completes it and comes back
+                    if held is not None:
+                        submit(self._drive, held)
+                    held = req
+                if held is not None or self._in_flight:
+                    return held  # notifications stay off: a completion looks at the ring again
+                if not q.enable_notification():
+                    return None
+        except BaseException:
+            if held is not None:  # counted in flight: it must still run and complete
+                submit(self._drive, held)
+            raise
+
+    def _complete_and_collect(self, req, result: int):
+        self._complete(req, result)
+        return self._collect()
+
+    def _signal(self) -> None:
+        """One interrupt decision for everything added to the used ring since the last one."""
+        if self._unsignalled:
+            self._unsignalled = False
+            self.signal_used(0)
+
+    def quiesce(self) -> None:
+        """Wait until no request is in flight (their data views die with them). The caller may
+        hold the lock; it is let go while waiting."""
+        with self.lock:
+            if not self._in_flight:
+                return
+            self._quiescing += 1
+            try:
+                self._idle.wait_for(lambda: not self._in_flight)
+            finally:
+                self._quiescing -= 1
+            if not self._quiescing:
+                self._rearm()
+
+    def _rearm(self) -> None:
+        """Completions during a quiesce left the ring alone, notifications off: switch them on,
+        and if the driver posted meanwhile, a backend thread takes it once the lock is free
+        (after the caller's snapshot, say, so the saved indices are the ones waited for)."""
+        q = self.queues[0]
+        if self.activated and self.broken is None and q.active and q.enable_notification():
+            self._submit(self.process_queue, 0)
+
+    # --- requests ------------------------------------------------------------------------------
+
+    def _parse(self, chain: DescriptorChain):
+        """A data request (head, type, byte offset, buffers, length, status view), or the used
+        length of a request finished here (errors, GET_ID)."""
         mem = self.mem
         readable: list[tuple[int, int]] = []
         writable: list[tuple[int, int]] = []
+        in_total = out_total = 0
         for addr, length, w in chain.descs:
             if w:
                 writable.append((addr, length))
+                out_total += length
             elif writable:
-                return self._finish(None, VIRTIO_BLK_S_IOERR)  # readable after writable: malformed
+                return self._done(None, VIRTIO_BLK_S_IOERR)  # readable after writable: malformed
             else:
                 readable.append((addr, length))
+                in_total += length
         while writable and writable[-1][1] == 0:
             writable.pop()
         if not writable:
-            self.stats["errors"] += 1
-            return 0  # nowhere to put the status byte
-        status_addr = writable[-1][0] + writable[-1][1] - 1
-        out_len = iov.total(writable) - 1  # device-writable data bytes before the status byte
-        if iov.total(readable) < HEADER.size:
-            return self._finish(status_addr, VIRTIO_BLK_S_IOERR)
-        rtype, _, sector = HEADER.unpack(iov.gather(mem, readable, 0, HEADER.size))
-        in_len = iov.total(readable) - HEADER.size  # driver-supplied data bytes after the header
+            return self._done(None, VIRTIO_BLK_S_IOERR)  # nowhere to put the status byte
+        addr, length = writable[-1]
+        status = mem.view(addr + length - 1, 1)
+        out_len = out_total - 1  # device-writable data bytes before the status byte
+        if in_total < HEADER.size:
+            return self._done(status, VIRTIO_BLK_S_IOERR)
+        addr, length = readable[0]
+        if length >= HEADER.size:
+            rtype, _, sector = HEADER.unpack_from(mem.view(addr, HEADER.size))
+        else:
+            rtype, _, sector = HEADER.unpack(iov.gather(mem, readable, 0, HEADER.size))
         if rtype == VIRTIO_BLK_T_IN:
-            return self._read(sector, iov.views(mem, writable, 0, out_len), out_len, status_addr)
+            if not self._in_range(sector, out_len):
+                return self._done(status, VIRTIO_BLK_S_IOERR)
+            return (chain.head, rtype, sector * SECTOR_SIZE, iov.views(mem, writable, 0, out_len), out_len, status)
         if rtype == VIRTIO_BLK_T_OUT:
-            if self.readonly:
-                return self._finish(status_addr, VIRTIO_BLK_S_IOERR)
-            return self._write(sector, iov.views(mem, readable, HEADER.size, in_len), in_len, status_addr)
+            in_len = in_total - HEADER.size  # driver-supplied data bytes after the header
+            if self.readonly or not self._in_range(sector, in_len):
+                return self._done(status, VIRTIO_BLK_S_IOERR)
+            return (chain.head, rtype, sector * SECTOR_SIZE, iov.views(mem, readable, HEADER.size, in_len),
+                    in_len, status)
         if rtype == VIRTIO_BLK_T_FLUSH:
-            try:
-                self.backend.flush()
-            except (OSError, VmmError):
-                return self._finish(status_addr, VIRTIO_BLK_S_IOERR)
-            self.stats["flush_ops"] += 1
-            return self._finish(status_addr, VIRTIO_BLK_S_OK)
+            return (chain.head, rtype, 0, None, 0, status)
         if rtype == VIRTIO_BLK_T_GET_ID:
             n = min(ID_BYTES, out_len)
             iov.scatter(mem, writable, 0, self.serial.ljust(ID_BYTES, b"\0")[:n])
-            return self._finish(status_addr, VIRTIO_BLK_S_OK, n)
-        return self._finish(status_addr, VIRTIO_BLK_S_UNSUPP)
+            return self._done(status, VIRTIO_BLK_S_OK, n)
+        return self._done(status, VIRTIO_BLK_S_UNSUPP)
 
     def _in_range(self, sector: int, length: int) -> bool:
         return length % SECTOR_SIZE == 0 and sector * SECTOR_SIZE + length <= self.capacity * SECTOR_SIZE
 
-    def _read(self, sector: int, bufs: list[memoryview], length: int, status_addr: int) -> int:
-        if not self._in_range(sector, length):
-            return self._finish(status_addr, VIRTIO_BLK_S_IOERR)
+    def _execute(self, req) -> int:
+        """The data I/O of one request, no lock held: bytes moved, or -1 on a backend error."""
+        _, rtype, offset, bufs, length, _ = req
+        backend = self.backend
         try:
-            done = self.backend.readv(sector * SECTOR_SIZE, bufs) if length else 0
-        except (OSError, VmmError):
-            done = -1
-        if done != length:
-            return self._finish(status_addr, VIRTIO_BLK_S_IOERR)
-        self.stats["rd_ops"] += 1
-        self.stats["rd_bytes"] += length
-        return self._finish(status_addr, VIRTIO_BLK_S_OK, length)
-
-    def _write(self, sector: int, bufs: list[memoryview], length: int, status_addr: int) -> int:
-        if not self._in_range(sector, length):
-            return self._finish(status_addr, VIRTIO_BLK_S_IOERR)
-        try:
-            done = self.backend.writev(sector * SECTOR_SIZE, bufs) if length else 0
-        except (OSError, VmmError):
-            done = -1
-        if done != length:
-            return self._finish(status_addr, VIRTIO_BLK_S_IOERR)
-        self.stats["wr_ops"] += 1
-        self.stats["wr_bytes"] += length
-        return self._finish(status_addr, VIRTIO_BLK_S_OK)
-
-    def _finish(self, status_addr: int | None, status: int, data_len: int = 0) -> int:
-        """Write the status byte last, after the data; returns the used length."""
-        if status != VIRTIO_BLK_S_OK:
-            self.stats["errors"] += 1
-        if status_addr is None:
+            if rtype == VIRTIO_BLK_T_IN:
+                return backend.readv(offset, bufs) if length else 0
+            if rtype == VIRTIO_BLK_T_OUT:
+                return backend.writev(offset, bufs) if length else 0
+            backend.flush()
             return 0
-        self.mem.view(status_addr, 1)[0] = status
+        except (OSError, VmmError):
+            return -1
+
+    def _complete(self, req, result: int) -> None:
+        """Status byte (after the data), stats, used entry (lock held)."""
+        head, rtype, _, _, length, status = req
+        try:
+            if result != length:
+                used = self._done(status, VIRTIO_BLK_S_IOERR)
+            else:
+                stats = self.stats
+                if rtype == VIRTIO_BLK_T_IN:
+                    stats["rd_ops"] += 1
+                    stats["rd_bytes"] += length
+                    used = self._done(status, VIRTIO_BLK_S_OK, length)
+                elif rtype == VIRTIO_BLK_T_OUT:
+                    stats["wr_ops"] += 1
+                    stats["wr_bytes"] += length
+                    used = self._done(status, VIRTIO_BLK_S_OK)
+                else:
+                    stats["flush_ops"] += 1
+                    used = self._done(status, VIRTIO_BLK_S_OK)
+            q = self.queues[0]
+            if self.activated and q.active:
+                q.add_used(head, used)
+                self._unsignalled = True
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.notify_all()
+
+    def _done(self, status: memoryview | None, code: int, data_len: int = 0) -> int:
+        """Write the status byte (last, after any data); returns the used length."""
+        if code != VIRTIO_BLK_S_OK:
+            self.stats["errors"] += 1
+        if status is None:
+            return 0
+        status[0] = code
         return data_len + 1
 
     def save_device_state(self) -> dict:

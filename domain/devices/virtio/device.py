@@ -102,7 +102,11 @@ class VirtioDevice:
     def on_activate(self) -> None:
         """Hook for subclasses, called after the queues are active."""
 
+    def quiesce(self) -> None:
+        """Wait for requests in flight outside the lock (none by default)."""
+
     def reset(self) -> None:
+        self.quiesce()
         for q in self.queues:
             q.reset()
         self.acked_features = 0
@@ -115,6 +119,7 @@ class VirtioDevice:
 
     def release(self) -> None:
         """Drop every view of guest memory (before the memory is unmapped)."""
+        self.quiesce()
         for q in self.queues:
             q.release()
         self.activated = False
@@ -152,6 +157,7 @@ class VirtioDevice:
 
     def save_state(self) -> dict:
         with self.lock:
+            self.quiesce()  # queue indices must not move under the snapshot
             return {"device_id": self.device_id, "acked_features": self.acked_features,
                     "activated": self.activated, "queues": [q.save_state() for q in self.queues],
                     "device": self.save_device_state()}
@@ -170,6 +176,7 @@ class VirtioDevice:
         if acked & ~self.avail_features:
             raise SnapshotFormatError("virtio state acknowledges features the device does not offer")
         with self.lock:
+            self.quiesce()
             for q, qs in zip(self.queues, state["queues"]):
                 q.restore_state(qs)
             self.acked_features = acked

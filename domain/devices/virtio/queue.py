@@ -160,6 +160,8 @@ class VirtQueue:
         if head >= size:
             self._fail(f"descriptor head {head} is beyond the queue size {size}")
         mem = self.mem
+        contains = mem.contains
+        unpack = _DESC.unpack_from
         table, table_len, in_indirect = self._desc, size, False
         idx, visited = head, 0
         out: list[tuple[int, int, bool]] = []
@@ -167,7 +169,7 @@ class VirtQueue:
             visited += 1
             if visited > table_len:
                 self._fail("descriptor chain is longer than its table (a loop?)")
-            addr, length, flags, nxt = _DESC.unpack_from(table, idx * DESC_SIZE)
+            addr, length, flags, nxt = unpack(table, idx * DESC_SIZE)
             if flags & VIRTQ_DESC_F_INDIRECT:
                 if in_indirect:
                     self._fail("indirect descriptor inside an indirect table")
@@ -181,9 +183,9 @@ class VirtQueue:
                     self._fail(f"indirect table {addr:#x}+{length:#x} is outside guest RAM")
                 table_len, in_indirect, idx, visited = length // DESC_SIZE, True, 0, 0
                 continue
-            if length and not mem.contains(addr, length):
+            if length and not contains(addr, length):
                 self._fail(f"descriptor buffer {addr:#x}+{length:#x} is outside guest RAM")
-            out.append((addr, length, bool(flags & VIRTQ_DESC_F_WRITE)))
+            out.append((addr, length, flags & VIRTQ_DESC_F_WRITE != 0))
             if not flags & VIRTQ_DESC_F_NEXT:
                 return out
             if nxt >= table_len:
