@@ -118,7 +118,7 @@ void vq_notify(struct vdev *d)
 int vq_wait(struct vdev *d, u32 *id, u32 *len, u64 timeout)
 {
     volatile u16 *used_idx = &d->used->idx;
-    u64 t0 = rdtsc();
+    u64 t0 = 0;  /* read at the first check: rdtsc may exit to the hypervisor (it does on kvm-pvm) */
     for (u64 spins = 1;; spins++) {
         if (*used_idx != d->last_used) {
             barrier();
@@ -131,7 +131,10 @@ int vq_wait(struct vdev *d, u32 *id, u32 *len, u64 timeout)
         if (spins % 4096 == 0) {             /* MMIO reads exit to the VMM: only now and then */
             if (vread(d, VM_STATUS) & S_NEEDS_RESET)
                 return WAIT_NEEDS_RESET;
-            if (rdtsc() - t0 > timeout)
+            u64 now = rdtsc();
+            if (!t0)
+                t0 = now;
+            else if (now - t0 > timeout)
                 return WAIT_TIMEOUT;
         }
         cpu_relax();
