@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from domain.boot import layout
@@ -30,6 +29,7 @@ from domain.devices.virtio.console import VirtioConsole
 from domain.devices.virtio.mmio import QUEUE_NOTIFY, VirtioMmioTransport
 from domain.devices.virtio.net import VirtioNet
 from domain.errors import InvalidArgumentError, SnapshotFormatError
+from domain.record import record
 from domain.topology import BLK, NET
 
 log = logging.getLogger("pystrato.machine")
@@ -40,7 +40,7 @@ BALLOON_QUEUES = 3
 CONSOLE_QUEUES = 2
 
 
-@dataclass
+@record
 class Slot:
     name: str  # "blk.0", "net.1", "balloon"
     base: int

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from domain.record import field, record
 
 GPR_NAMES = (
     "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
@@ -10,7 +10,7 @@ GPR_NAMES = (
 )
 
 
-@dataclass
+@record
 class Regs:
     rax: int = 0
     rbx: int = 0
@@ -32,7 +32,7 @@ class Regs:
     rflags: int = 0x2  # bit 1 is reserved and always set
 
 
-@dataclass
+@record
 class Segment:
     base: int = 0
     limit: int = 0xFFFF
@@ -48,13 +48,13 @@ class Segment:
     unusable: int = 0
 
 
-@dataclass
+@record
 class DescriptorTable:
     base: int = 0
     limit: int = 0xFFFF
 
 
-@dataclass
+@record
 class Sregs:
     cs: Segment = field(default_factory=lambda: Segment(type=11))
     ds: Segment = field(default_factory=lambda: Segment(type=3))
@@ -75,7 +75,7 @@ class Sregs:
     apic_base: int = 0xFEE00900
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class VcpuSetup:
     """What a hypervisor needs to present a CPU to the guest (CPUID, MSRs, LAPIC)."""
 

@@ -47,7 +47,9 @@ class MmapAllocator:
                 maps.extend(_map_backend(layout, backend.mem_path, backend.mem_share))
             else:
                 for _gpa, size in layout:
-                    maps.append(mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _NORESERVE, _PROT))
+                    m = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _NORESERVE, _PROT)
+                    maps.append(m)
+                    _advise_huge_pages(m)
             if backend is not None:
                 _apply_policy(maps, backend)
             memory = GuestMemory([(gpa, m) for (gpa, _size), m in zip(layout, maps)])
@@ -115,6 +117,22 @@ class MmapAllocator:
         if busy:
             self._maps[memory] = busy  # a later free() closes the rest
             raise HostResourceError(f"{len(busy)} guest RAM mapping(s) still in use (close the VM first)")
+
+
+def _advise_huge_pages(m: mmap.mmap) -> None:
+    """Ask for transparent huge pages behind anonymous guest RAM, as QEMU does for its RAM.
+
+    KVM maps guest memory with 2 MiB pages only where the host backs it with huge pages; with
+    THP in "madvise" mode (Debian's default) anonymous memory gets them only on request.
+    Measured on kvm-pvm with a Linux guest: without it the whole boot ran on 4 KiB pages, with
+    it the VMM held the same 34 MiB of huge pages as QEMU 15 s into the boot. Best effort: a
+    kernel without THP keeps 4 KiB pages."""
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is not None:
+        try:
+            m.madvise(advice)
+        except OSError:
+            pass
 
 
 def _map_backend(layout: Sequence[tuple[int, int]], path: str, share: bool) -> list[mmap.mmap]:

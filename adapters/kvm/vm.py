@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
-from dataclasses import dataclass
 from typing import Any
 
 from adapters.kvm._lib import ffi, lib
 from adapters.kvm.errors import KvmIoctlError, check
 from domain.errors import SnapshotFormatError
 from domain.memory import PAGE_SIZE
+from domain.record import record
 
 # Just below 4 GiB, out of the way of RAM and of the MMIO windows (Firecracker's choice):
 # the TSS takes three pages, the EPT identity map one page below it.
@@ -19,29 +18,11 @@ TSS_ADDR = 0xFFFB_D000
 IDENTITY_MAP_ADDR = 0xFFFB_C000
 
 STATE_VERSION = 1
-_HUGE_PAGE = 2 << 20
-_MADV_HUGEPAGE = 14  # <asm-generic/mman-common.h>
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-
-
-def _advise_huge_pages(addr: int, size: int) -> None:
-    """Ask for transparent huge pages behind guest RAM, as QEMU does for its RAM blocks.
-
-    KVM maps guest memory with 2 MiB pages only where the host backs it with huge pages; with
-    THP in "madvise" mode (Debian's default) anonymous memory gets them only on request. Measured
-    here (kvm-pvm, shadow paging, Linux guest): the whole boot ran on 4 KiB pages before, on
-    huge pages under QEMU. Best effort: a mapping that cannot take THP keeps 4 KiB pages.
-    """
-    start = -(-addr // _HUGE_PAGE) * _HUGE_PAGE
-    end = (addr + size) // _HUGE_PAGE * _HUGE_PAGE
-    if end > start:
-        _libc.madvise(start, end - start, _MADV_HUGEPAGE)
 _CHIPS = (("pic_master", "KVM_IRQCHIP_PIC_MASTER"), ("pic_slave", "KVM_IRQCHIP_PIC_SLAVE"),
           ("ioapic", "KVM_IRQCHIP_IOAPIC"))
 
 
-@dataclass
+@record
 class _Slot:
     gpa: int
     size: int
@@ -94,8 +75,6 @@ class KvmVm:
                   "KVM_SET_USER_MEMORY_REGION", f"slot {slot}")
             old.flags = flags
             return
-        if not readonly:
-            _advise_huge_pages(addr, size)
         rc = lib.px_set_memory_region(self._fd, slot, flags, gpa, size, addr)
         if rc < 0:
             ffi.release(buf)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from domain.boot import layout
 from domain.boot.cpu import setup_boot_cpu
 from domain.boot.errors import BootError
@@ -12,9 +10,10 @@ from domain.boot.mptable import setup_mptable
 from domain.boot.params import load_initrd, write_boot_params, write_cmdline
 from domain.cpu_state import Regs, Sregs
 from domain.memory import GuestMemory
+from domain.record import record
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class BootInfo:
     kernel: KernelInfo
     regs: Regs

@@ -7,11 +7,11 @@ guest RAM before a byte is written, and every refusal is a BootError naming what
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 from domain.boot import layout
 from domain.boot.errors import BootError
 from domain.memory import GuestMemory
+from domain.record import record
 
 # Setup header (offsets from the start of the bzImage, equal to offsets inside boot_params).
 HDR_START = 0x1F1
@@ -54,7 +54,7 @@ _PHDR = struct.Struct("<IIQQQQQQ")  # 56 bytes
 _NHDR = struct.Struct("<III")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class KernelInfo:
     entry: int  # 64-bit entry point (guest-physical)
     is_bzimage: bool

@@ -214,3 +214,14 @@ def test_mem_path_that_cannot_be_created_is_a_host_resource_error(tmp_path):
 
     with pytest.raises(HostResourceError, match="cannot map guest RAM .*No such file"):
         MmapAllocator().allocate([(0, MiB)], backend=MemoryConfig(size=MiB, mem_path=str(tmp_path / "no" / "ram")))
+
+
+@pytest.mark.skipif(not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"),
+                    reason="this kernel has no transparent huge pages")
+def test_anonymous_ram_asks_for_transparent_huge_pages():
+    alloc = MmapAllocator()
+    mem = alloc.allocate([(0, 4 * MiB)])
+    try:
+        assert "hg" in _smaps_flags(mem)  # MADV_HUGEPAGE, as QEMU sets on its RAM blocks
+    finally:
+        alloc.free(mem)
