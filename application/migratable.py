@@ -7,12 +7,14 @@ engine is hypervisor-independent: the fake and KVM plug in their own vCPU/irqchi
 
 from __future__ import annotations
 
+import threading
 from typing import Iterable, Protocol
 
 from domain.config import VmConfig
+from domain.devices.virtio.queue import used_ring_size
 from domain.events import DomainEvent
 from domain.lifecycle import RunState
-from domain.memory import GuestMemory
+from domain.memory import PAGE_SIZE, GuestMemory
 
 
 class MigratableVm(Protocol):
@@ -51,7 +53,8 @@ class MigratableVm(Protocol):
 
     def dirty_pages(self) -> Iterable[int]:
         """Guest-physical addresses of pages written since the previous call (or since
-        start_dirty_log), clearing the log."""
+        start_dirty_log), clearing the log: by the guest and by the VMM's devices (once
+        collect_state quiesced them, their last writes included)."""
 
     def stop_dirty_log(self) -> None: ...
 
@@ -59,3 +62,75 @@ class MigratableVm(Protocol):
 
     def request_exit(self, code: int = 0) -> None:
         """End the VMM process cleanly (source after a completed migration)."""
+
+
+class HostWriteLog:
+    """Guest pages the VMM itself may write while a live migration runs.
+
+    KVM's dirty log sees only the guest's own writes. Devices write guest RAM from the host
+    side (data of reads, status bytes, used rings), and a page they write after it was sent
+    would reach the destination stale: a guest whose used ring went back in time reaps
+    requests that never completed. While it is installed, every range GuestMemory.view()
+    hands out is recorded (devices reach guest RAM only through views; a read-only use is
+    recorded too, which only costs a page resent). The virtqueue rings are views taken once
+    at activation, so their pages are added from the device state (add_rings).
+
+    A view is recorded when it is handed out, but written when its request completes, maybe
+    after a round read the log. So the pages of every view stay suspect until the devices are
+    quiesced: after final(), take() returns every page recorded since the start.
+    """
+
+    def __init__(self, memory: GuestMemory):
+        self._memory = memory
+        self._lock = threading.Lock()
+        self._pages: set[int] = set()  # recorded since the last take()
+        self._all: set[int] = set()  # recorded since the start
+        self._final = False  # the next take() returns _all
+        self._finalised = False
+        original = type(memory).view
+
+        def view(gpa: int, length: int) -> memoryview:
+            v = original(memory, gpa, length)
+            self.add(gpa, length)
+            return v
+
+        memory.view = view  # an instance attribute: shadows the method until close()
+
+    def add(self, gpa: int, length: int) -> None:
+        if length <= 0:
+            return
+        first, last = gpa // PAGE_SIZE, (gpa + length - 1) // PAGE_SIZE
+        pages = range(first * PAGE_SIZE, (last + 1) * PAGE_SIZE, PAGE_SIZE)
+        with self._lock:
+            self._pages.update(pages)
+            self._all.update(pages)
+
+    def add_rings(self, state: object) -> None:
+        """Every virtqueue found in a device state tree (dicts with used, size, ready)."""
+        if isinstance(state, dict):
+            if {"used", "size", "ready"} <= state.keys() and state.get("ready"):
+                self.add(state["used"], used_ring_size(state["size"]))
+            for v in state.values():
+                self.add_rings(v)
+        elif isinstance(state, (list, tuple)):
+            for v in state:
+                self.add_rings(v)
+
+    def final(self) -> None:
+        """The devices are quiesced: the next take() returns every page recorded so far (not
+        again after that: later collections only add what devices did since)."""
+        with self._lock:
+            if not self._finalised:
+                self._final = self._finalised = True
+
+    def take(self) -> set[int]:
+        """Pages recorded since the previous take; the first one after final(): all of them."""
+        with self._lock:
+            if self._final:
+                self._final = False
+                self._pages = set(self._all)
+            pages, self._pages = self._pages, set()
+        return pages
+
+    def close(self) -> None:
+        self._memory.__dict__.pop("view", None)

@@ -44,6 +44,7 @@ class VirtualMachine:
         self.runners: list[VcpuRunner] = []
         self._lock = threading.RLock()  # serialises lifecycle operations
         self._dirty_logging = False
+        self._host_writes = None  # HostWriteLog while a live migration runs
         self._shutting_down = False
 
     # --- construction ----------------------------------------------------------------------------
@@ -205,8 +206,13 @@ class VirtualMachine:
         records["vm"] = (1, encode_state(self.hv_vm.save_state()))
         for r in self.runners:
             records[f"vcpu.{r.index}"] = (1, encode_state(r.vcpu.save_state()))
+        host_writes = self._host_writes
         for name, (version, state) in self.devices.save_states().items():
+            if host_writes is not None:  # the rings the quiesced devices last wrote
+                host_writes.add_rings(state)
             records[f"dev.{name}"] = (version, encode_state(state))
+        if host_writes is not None:
+            host_writes.final()
         return records
 
     def apply_state(self, records: dict[str, tuple[int, bytes]]) -> None:
@@ -231,11 +237,16 @@ class VirtualMachine:
         return self.devices.migration_blockers()
 
     def start_dirty_log(self) -> None:
+        from application.migratable import HostWriteLog
+
+        self._host_writes = HostWriteLog(self.memory)
         for r in self.memory.regions:
             self.hv_vm.set_memory_region(r.slot, r.gpa, r.view, log_dirty=True)
         self._dirty_logging = True
 
     def dirty_pages(self) -> Iterable[int]:
+        # Host writes first: a page a device writes after this read is caught by the next one.
+        host = self._host_writes.take() if self._host_writes is not None else set()
         pages: list[int] = []
         for r in self.memory.regions:
             bitmap = self.hv_vm.get_dirty_log(r.slot)
@@ -246,9 +257,15 @@ class VirtualMachine:
                 for bit in range(8):
                     if b >> bit & 1:
                         pages.append(base + (byte_i * 8 + bit) * PAGE_SIZE)
+        if host:
+            host.update(pages)
+            return sorted(host)
         return pages
 
     def stop_dirty_log(self) -> None:
+        if self._host_writes is not None:
+            self._host_writes.close()
+            self._host_writes = None
         if self._dirty_logging:
             for r in self.memory.regions:
                 self.hv_vm.set_memory_region(r.slot, r.gpa, r.view, log_dirty=False)

@@ -57,6 +57,11 @@ from domain.snapshot_format import (
 )
 
 _log = logging.getLogger("pystrato.migration")
+_SETTLE_PASSES = 8
+
+
+def _devices(records: dict) -> dict:
+    return {k: v for k, v in records.items() if k.startswith("dev.")}
 
 ZeroScanner = Callable[[memoryview], list[tuple[int, int]]]
 
@@ -213,11 +218,15 @@ class MigrationService:
                 vm.pause_vcpus()
                 paused_by_us = True
             t_pause = self._clock()
+            # The state first: collecting it quiesces the devices, whose last writes to guest
+            # RAM (used rings, data, status bytes) the final dirty read must then include.
+            records = vm.collect_state()
             final = page_runs(list(pending) + list(vm.dirty_pages()))
             c.rounds += 1
             c.remaining = sum(n for _, n in final) * PAGE_SIZE
             self._send_runs(ch, c, final)
-            for name, (version, payload) in vm.collect_state().items():
+            records = self._settle_devices(ch, c, records)
+            for name, (version, payload) in records.items():
                 frame = proto.encode(proto.StateRecord(name, version, payload))
                 ch.send([frame])
                 c.transferred += len(frame)
@@ -261,6 +270,24 @@ class MigrationService:
         finally:
             if ch is not None:
                 self._close_channel(ch)
+
+    def _settle_devices(self, ch: MigrationChannel, c: Progress, records: dict) -> dict:
+        """The vCPUs are parked, but a device may still take a request the guest queued just
+        before (its notification not yet handled) after the state was collected, and write
+        guest RAM after the last dirty read. Collect again and resend what was written until
+        two collections agree (no device moved in between); a few passes at most, since a
+        parked guest queues nothing new."""
+        vm = self._vm
+        for _ in range(_SETTLE_PASSES):
+            again = vm.collect_state()
+            late = page_runs(list(vm.dirty_pages()))
+            c.remaining = sum(n for _, n in late) * PAGE_SIZE
+            self._send_runs(ch, c, late)
+            if _devices(again) == _devices(records):  # (vCPU/clock records carry the time)
+                return again
+            self._log.info("migration: a device moved during the final pass; collecting again")
+            records = again
+        raise MigrationError("device state did not settle with the vCPUs stopped")
 
     @staticmethod
     def _describe(e: BaseException) -> str:
