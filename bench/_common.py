@@ -229,6 +229,7 @@ class BenchBase:
         q = Qmp(sock, p)
         q.cmd("stop")
         q.cmd("migrate", {"uri": f"file:{zero}"})
+        wait_migrate(q)  # the snapshot is written in the background; quit would cancel it
         finish(p, q)
         fill_snapshot(zero, full)
         self.prefill[size] = os.path.join(self.dir, f"qemu-{size}.ram")

@@ -277,8 +277,9 @@ def test_live_migration_with_a_guest_dirtying_pages(tmp_path, log, transport):
     assert dst.run_state is RunState.RUNNING and dst.vcpus_running and dst.exit_code is None
     assert d.state.query_migrate_info() == {"status": "completed"}
     ram = info["ram"]
-    # up to 4 dirty rounds (the 5th is forced into the final pass), then the final read
-    assert 2 <= ram["dirty-sync-count"] <= 5 and ram["remaining"] == 0
+    # Dirty-log reads: up to max_rounds=5 while converging (the 5th one's pages are carried into
+    # the final pass, not sent in a round), then the final read; fewer when a read finds nothing.
+    assert 2 <= ram["dirty-sync-count"] <= 6 and ram["remaining"] == 0
     assert ram["normal"] > 0 and ram["duplicate"] > 0 and ram["total"] == CFG.memory.size
     assert ram["transferred"] >= ram["normal"] * PAGE_SIZE
     assert info["downtime"] >= 0 and info["total-time"] >= info["downtime"]
