@@ -106,7 +106,9 @@ class VirtualMachine:
     def stop(self) -> None:
         with self._lock:
             st = self.lifecycle.state
-            if st is RunState.PAUSED:
+            # As QEMU: stopping vCPUs that do not run is a no-op (a snapshot being written, a
+            # migration's final pass), not an error.
+            if st in (RunState.PAUSED, RunState.SAVE_VM, RunState.FINISH_MIGRATE):
                 return
             if st is not RunState.RUNNING:
                 raise InvalidStateError(f"VM is not running (state '{st.value}')")
