@@ -16,7 +16,7 @@ from domain.errors import HostResourceError
 
 log = logging.getLogger("pystrato.block")
 
-IO_THREADS = 8  # requests of one image in flight at once (more wait in the job queue)
+IO_THREADS = 2  # backend threads per image: with the caller, 3 requests of a batch in flight
 
 
 class IoThreads:

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from adapters.storage.block import RawImageOpener
+from adapters.storage.block import IO_THREADS, RawImageOpener
 from domain.errors import HostResourceError
 
 
@@ -36,7 +36,7 @@ def test_readv_writev_flush(image):
 def test_submitted_work_runs_on_the_image_threads_concurrently(image):
     img = RawImageOpener().open(image, readonly=False, direct=False)
     try:
-        n = 4
+        n = IO_THREADS
         inside = threading.Barrier(n + 1)  # only passes if n jobs run at the same time
         finished = threading.Semaphore(0)
         done = []

@@ -53,13 +53,28 @@ static u16 prepare(unsigned slot, u32 type, u64 sector, void *buf, u32 len)
     return h;
 }
 
-/* Notify unless the device asked not to be (VRING_USED_F_NO_NOTIFY while it is processing). */
-static void kick(void)
+/* With VIRTIO_RING_F_EVENT_IDX (bench wait=irq): the device's avail_event and the driver's
+ * used_event sit right after the rings. */
+#define F_EVENT_IDX (1ULL << 29)
+#define AVAIL_EVENT() (*(volatile u16 *)((u8 *)dev.used + 4 + 8 * (u64)dev.qsize))
+#define USED_EVENT() (*(volatile u16 *)((u8 *)dev.avail + 4 + 2 * (u64)dev.qsize))
+
+/* Notify unless the device asked not to be: VRING_USED_F_NO_NOTIFY while it is processing, or
+ * with EVENT_IDX, unless the avail index just passed the device's avail_event (virtio 1.1
+ * §2.6.7.2; `old` is the avail index before this batch). */
+static void kick_since(u16 old)
 {
-    __asm__ __volatile__("mfence" ::: "memory");   /* avail idx store before the flags load */
-    if (!(((volatile struct virtq_used *)dev.used)->flags & VRING_USED_F_NO_NOTIFY))
+    __asm__ __volatile__("mfence" ::: "memory");   /* avail idx store before the flags/event load */
+    if (dev.features & F_EVENT_IDX) {
+        u16 now = dev.avail->idx;
+        if ((u16)(now - AVAIL_EVENT() - 1) < (u16)(now - old))
+            vq_notify(&dev);
+    } else if (!(((volatile struct virtq_used *)dev.used)->flags & VRING_USED_F_NO_NOTIFY)) {
         vq_notify(&dev);
+    }
 }
+
+static void kick(void) { kick_since((u16)(dev.avail->idx - 1)); }
 
 /* One synchronous request; returns the status byte, or 0x100 + the wait outcome. */
 static unsigned request(u32 type, u64 sector, void *buf, u32 len)
@@ -146,6 +161,14 @@ static int irq_wait(volatile struct virtq_used *used, u16 last)
         __asm__ __volatile__("cli" ::: "memory");
         if (used->idx != last)
             return 0;
+        if (dev.features & F_EVENT_IDX) {
+            /* Interrupt on the next used entry only: while this driver is awake and reaping,
+             * completions raise none (Linux's virtqueue_enable_cb with EVENT_IDX). */
+            USED_EVENT() = last;
+            __asm__ __volatile__("mfence" ::: "memory");
+            if (used->idx != last)
+                return 0;
+        }
         if (woke && (vread(&dev, VM_STATUS) & S_NEEDS_RESET))
             return 1;
         __asm__ __volatile__("sti; hlt" ::: "memory");
@@ -194,7 +217,7 @@ static int bench(u64 capacity, u32 irqno)
     }
     barrier();
     avail->idx = avail_idx;
-    kick();
+    kick_since(dev.avail_idx);
     while (done < nreq) {
         if (used->idx == last_used) {
             u32 id, len;   /* vq_wait consumes dev.last_used's entry; the pass below reads it again */
@@ -226,7 +249,7 @@ static int bench(u64 capacity, u32 irqno)
         if (avail_idx != posted) {
             barrier();
             avail->idx = avail_idx;
-            kick();
+            kick_since(posted);
         }
     }
     u64 t1 = rdtsc();
@@ -245,7 +268,10 @@ int main(void)
         print("virtio_blk: no virtio_mmio.device entry %u on the command line\n", slot);
         return 1;
     }
-    if (vdev_init(&dev, base, VIRTIO_ID_BLOCK, VIRTIO_BLK_F_FLUSH | VIRTIO_BLK_F_RO, QMAX))
+    u64 want = VIRTIO_BLK_F_FLUSH | VIRTIO_BLK_F_RO;
+    if (arg("bench", NULL) && arg_eq("wait", "irq"))
+        want |= F_EVENT_IDX;   /* as Linux negotiates it: interrupts and notifies by index */
+    if (vdev_init(&dev, base, VIRTIO_ID_BLOCK, want, QMAX))
         return 1;
     /* This driver polls the used ring with interrupts off (IF=0): it asks for no used-buffer
      * interrupts, as Linux does for its polled queues (virtqueue_disable_cb); bench wait=irq
