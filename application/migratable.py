@@ -70,10 +70,9 @@ class HostWriteLog:
     KVM's dirty log sees only the guest's own writes. Devices write guest RAM from the host
     side (data of reads, status bytes, used rings), and a page they write after it was sent
     would reach the destination stale: a guest whose used ring went back in time reaps
-    requests that never completed. While it is installed, every range GuestMemory.view()
-    hands out is recorded (devices reach guest RAM only through views; a read-only use is
-    recorded too, which only costs a page resent). The virtqueue rings are views taken once
-    at activation, so their pages are added from the device state (add_rings).
+    requests that never completed. While it is installed, GuestMemory reports every range it
+    hands out for writing (track_host_writes). The virtqueue rings are views taken once at
+    activation, so their pages are added from the device state (add_rings).
 
     A view is recorded when it is handed out, but written when its request completes, maybe
     after a round read the log. So the pages of every view stay suspect until the devices are
@@ -87,14 +86,7 @@ class HostWriteLog:
         self._all: set[int] = set()  # recorded since the start
         self._final = False  # the next take() returns _all
         self._finalised = False
-        original = type(memory).view
-
-        def view(gpa: int, length: int) -> memoryview:
-            v = original(memory, gpa, length)
-            self.add(gpa, length)
-            return v
-
-        memory.view = view  # an instance attribute: shadows the method until close()
+        memory.track_host_writes(self.add)
 
     def add(self, gpa: int, length: int) -> None:
         if length <= 0:
@@ -133,4 +125,4 @@ class HostWriteLog:
         return pages
 
     def close(self) -> None:
-        self._memory.__dict__.pop("view", None)
+        self._memory.track_host_writes(None)

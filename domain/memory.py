@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import bisect
 import struct
-from typing import Iterator
+from typing import Callable, Iterator
 
 from domain.errors import GuestMemoryError
 from domain.record import record
@@ -52,6 +52,14 @@ class GuestMemory:
         self._first = built[0] if built and built[0].gpa == 0 else None
         self._buffers = [buf for _, buf in regions]
         self.size = sum(r.size for r in built)
+        self._host_writes: Callable[[int, int], None] | None = None
+
+    def track_host_writes(self, observer: Callable[[int, int], None] | None) -> None:
+        """While set, observer(gpa, length) hears of every range the VMM may write: views
+        (devices write guest RAM only through them; a view only read costs a page resent) and
+        write/write_uNN. A hypervisor's dirty log sees the guest's own writes only; a live
+        migration needs the device side too. None stops the tracking."""
+        self._host_writes = observer
 
     @property
     def regions(self) -> tuple[RamRegion, ...]:
@@ -82,6 +90,8 @@ class GuestMemory:
     def view(self, gpa: int, length: int) -> memoryview:
         """A writable slice of guest RAM; the range must lie inside one region."""
         r = self._find(gpa, length)
+        if self._host_writes is not None:
+            self._host_writes(gpa, length)
         off = gpa - r.gpa
         return r.view[off : off + length]
 
@@ -106,14 +116,20 @@ class GuestMemory:
 
     def write_u16(self, gpa: int, value: int) -> None:
         r = self._find(gpa, 2)
+        if self._host_writes is not None:
+            self._host_writes(gpa, 2)
         _U16.pack_into(r.view, gpa - r.gpa, value)
 
     def write_u32(self, gpa: int, value: int) -> None:
         r = self._find(gpa, 4)
+        if self._host_writes is not None:
+            self._host_writes(gpa, 4)
         _U32.pack_into(r.view, gpa - r.gpa, value)
 
     def write_u64(self, gpa: int, value: int) -> None:
         r = self._find(gpa, 8)
+        if self._host_writes is not None:
+            self._host_writes(gpa, 8)
         _U64.pack_into(r.view, gpa - r.gpa, value)
 
     def pages(self) -> Iterator[tuple[int, memoryview]]:

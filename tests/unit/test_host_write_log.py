@@ -16,7 +16,11 @@ def test_views_handed_out_are_recorded_page_by_page():
     log = HostWriteLog(mem)
     mem.view(PAGE_SIZE - 1, 2)[:] = b"ab"  # straddles two pages
     mem.write((1 << 20) + 10, b"x")  # write() goes through view()
-    assert log.take() == {0, PAGE_SIZE, 1 << 20}
+    mem.write_u16(9 * PAGE_SIZE, 7)  # so do the scalar writes (used ring indices)
+    mem.write_u32(10 * PAGE_SIZE, 7)
+    mem.write_u64(11 * PAGE_SIZE, 7)
+    mem.read_u64(12 * PAGE_SIZE)  # a read is not a write
+    assert log.take() == {0, PAGE_SIZE, 1 << 20, 9 * PAGE_SIZE, 10 * PAGE_SIZE, 11 * PAGE_SIZE}
     assert log.take() == set()  # a round clears what it took
     mem.view(3 * PAGE_SIZE, 0)
     assert log.take() == set()
@@ -48,10 +52,10 @@ def test_rings_are_found_in_device_state_trees():
     assert log.take() == set(range(0x2000, end // PAGE_SIZE * PAGE_SIZE + 1, PAGE_SIZE))
 
 
-def test_close_restores_the_plain_view():
+def test_close_stops_the_tracking():
     mem = memory()
     log = HostWriteLog(mem)
     log.close()
     mem.view(0, 8)
+    mem.write_u16(PAGE_SIZE, 1)
     assert log.take() == set()
-    assert "view" not in vars(mem)
