@@ -124,6 +124,25 @@ def test_a_completion_takes_requests_posted_without_a_notify():
     assert rig.mem.read(DATA + 0x2000, 512) == bytes(rig.disk.data[1024:1536])
 
 
+def test_the_notifying_thread_runs_one_request_and_hands_on_the_rest():
+    rig = Rig()
+    posted = []
+    readv = rig.disk.readv
+
+    def guest_posts_meanwhile(offset, bufs):
+        if not posted:  # the guest keeps the queue busy while the first request runs
+            posted.append(rig.post(1, b.VIRTIO_BLK_T_IN, 1))
+        return readv(offset, bufs)
+
+    rig.disk.readv = guest_posts_meanwhile
+    h0 = rig.post(0, b.VIRTIO_BLK_T_IN, 0)
+    rig.drv.notify(0)  # returns after h0: the shared I/O thread has other devices to serve
+    assert rig.q.take_used() == [(h0, 513)]
+    assert len(rig.disk.jobs) == 1
+    rig.disk.run_all()
+    assert rig.q.take_used() == [(posted[0], 513)]
+
+
 def test_one_interrupt_decision_per_completion_pass():
     rig = Rig(features=VIRTIO_F_VERSION_1)  # no EVENT_IDX, no NO_INTERRUPT: every pass signals
     for slot in range(4):

@@ -82,13 +82,24 @@ class VirtioBlock(VirtioDevice):
     # --- queue processing ----------------------------------------------------------------------
 
     def process_queue(self, index: int) -> None:
-        """The driver notified: take what it posted; data I/O of the last request runs here."""
+        """The driver notified: take what it posted. The data I/O of the last request runs here;
+        what the ring holds after it goes to the backend's threads, so the notifying thread (the
+        I/O thread every device shares) is back for the others after one request."""
         if index != 0:
             return
         with self.lock:
             req = self.guarded(self._collect)
             self._signal()
-        self._drive(req)
+        if req is None:
+            return
+        result = self._execute(req)
+        with self.lock:
+            req = self.guarded(self._complete_and_collect, req, result)
+            self._signal()
+        if req is not None and self._submit is not None:
+            self._submit(self._drive, req)
+        else:
+            self._drive(req)
 
     def _drive(self, req) -> None:
         """Run ``req`` and whatever the ring holds when it completes (no lock held on entry)."""
