@@ -8,7 +8,11 @@ broken; the transport then sets DEVICE_NEEDS_RESET. Values are read once into Py
 driver rewriting a ring concurrently cannot make a checked value change after the check.
 
 Ring memory is reached through memoryviews taken once at activation (``activate``); ``release``
-drops them so the memory adapter can unmap guest RAM.
+drops them so the memory adapter can unmap guest RAM. The 16-bit ring fields the other side
+reads or writes concurrently (indices, flags, event indices) go through a native-'H' cast of
+the ring, i.e. one 2-byte load or store: struct packs and unpacks byte by byte, and a torn index
+(half old, half new) looks to the driver like thousands of used entries, or to the device like
+a jump past the queue size (x86 hosts: native order is the ring's little-endian).
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ VRING_USED_F_NO_NOTIFY = 1
 
 DESC_SIZE = 16
 _DESC = struct.Struct("<QIHH")
-_U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
 
 MAX_QUEUE_SIZE = 32768  # virtio 1.1: split queue sizes are powers of 2 up to 32768
@@ -75,6 +78,7 @@ class VirtQueue:
         self.mem = mem
         self.max_size = max_size
         self._desc = self._avail = self._used = None
+        self._avail16 = self._used16 = None
         self.reset()
 
     # --- configuration (driven by the transport) ------------------------------------------------
@@ -93,10 +97,11 @@ class VirtQueue:
         self.broken: str | None = None
 
     def release(self) -> None:
-        for v in (self._desc, self._avail, self._used):
+        for v in (self._avail16, self._used16, self._desc, self._avail, self._used):
             if v is not None:
                 v.release()
         self._desc = self._avail = self._used = None
+        self._avail16 = self._used16 = None
 
     @property
     def active(self) -> bool:
@@ -119,6 +124,7 @@ class VirtQueue:
         except GuestMemoryError as e:
             raise VirtioQueueError(f"virtqueue ring outside guest RAM: {e}") from None
         self._desc, self._avail, self._used = desc, avail, used
+        self._avail16, self._used16 = avail.cast("H"), used.cast("H")  # whole u16 accesses
         self.event_idx = event_idx
         self.broken = None
 
@@ -129,7 +135,7 @@ class VirtQueue:
     # --- device side ---------------------------------------------------------------------------
 
     def avail_idx(self) -> int:
-        return _U16.unpack_from(self._avail, 2)[0]
+        return self._avail16[1]
 
     def has_available(self) -> bool:
         return self._desc is not None and self.broken is None and self.avail_idx() != self.next_avail
@@ -146,7 +152,7 @@ class VirtQueue:
             return None
         if pending > size:
             self._fail(f"available index moved {pending} entries ahead, more than the queue size {size}")
-        head = _U16.unpack_from(self._avail, 4 + 2 * (self.next_avail % size))[0]
+        head = self._avail16[2 + self.next_avail % size]
         chain = DescriptorChain(head, self._walk(head))
         self.next_avail = (self.next_avail + 1) & 0xFFFF
         return chain
@@ -201,25 +207,25 @@ class VirtQueue:
         _USED_ELEM.pack_into(self._used, 4 + 8 * slot, head, length & 0xFFFFFFFF)
         self.next_used = (self.next_used + 1) & 0xFFFF
         # The element is written before the index that publishes it (x86 keeps store order).
-        _U16.pack_into(self._used, 2, self.next_used)
+        self._used16[1] = self.next_used
 
     def needs_notification(self) -> bool:
         """Whether the driver asked to be interrupted for the used entries added so far."""
         if self._avail is None:
             return False
         if not self.event_idx:
-            return not _U16.unpack_from(self._avail, 0)[0] & VRING_AVAIL_F_NO_INTERRUPT
+            return not self._avail16[0] & VRING_AVAIL_F_NO_INTERRUPT
         new, old = self.next_used, self.signalled_used
         self.signalled_used = new
         if old is None:
             return True
-        used_event = _U16.unpack_from(self._avail, 4 + 2 * self.size)[0]
+        used_event = self._avail16[2 + self.size]
         return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
 
     def disable_notification(self) -> None:
         """Ask the driver not to notify (without EVENT_IDX; with it, avail_event already lags)."""
         if self._used is not None and not self.event_idx:
-            _U16.pack_into(self._used, 0, VRING_USED_F_NO_NOTIFY)
+            self._used16[0] = VRING_USED_F_NO_NOTIFY
 
     def enable_notification(self) -> bool:
         """Ask for a notification on the next buffer; True if buffers arrived meanwhile (the
@@ -227,9 +233,9 @@ class VirtQueue:
         if self._used is None or self.broken is not None:
             return False
         if self.event_idx:
-            _U16.pack_into(self._used, 4 + 8 * self.size, self.next_avail)
+            self._used16[2 + 4 * self.size] = self.next_avail
         else:
-            _U16.pack_into(self._used, 0, 0)
+            self._used16[0] = 0
         return self.avail_idx() != self.next_avail
 
     # --- snapshot ------------------------------------------------------------------------------
