@@ -8,11 +8,11 @@ broken; the transport then sets DEVICE_NEEDS_RESET. Values are read once into Py
 driver rewriting a ring concurrently cannot make a checked value change after the check.
 
 Ring memory is reached through memoryviews taken once at activation (``activate``); ``release``
-drops them so the memory adapter can unmap guest RAM. The 16-bit ring fields the other side
-reads or writes concurrently (indices, flags, event indices) go through a native-'H' cast of
-the ring, i.e. one 2-byte load or store: struct packs and unpacks byte by byte, and a torn index
-(half old, half new) looks to the driver like thousands of used entries, or to the device like
-a jump past the queue size (x86 hosts: native order is the ring's little-endian).
+drops them so the memory adapter can unmap guest RAM. The 16-bit ring fields the driver reads
+or writes concurrently (indices, flags, event indices) go through a native-'H' cast of the
+rings: one 2-byte load or store per field, never a torn half-old half-new index (x86 hosts:
+native order is the ring's little-endian). Writes through these views bypass
+GuestMemory.track_host_writes, which hears of the rings only when they are mapped.
 """
 
 from __future__ import annotations
