@@ -30,7 +30,10 @@ _MADV_REMOVE = getattr(mmap, "MADV_REMOVE", 9)  # frees the file's pages behind 
 
 
 class MmapAllocator:
-    def __init__(self) -> None:
+    def __init__(self, huge_pages: bool = False) -> None:
+        """huge_pages: ask for transparent huge pages behind anonymous RAM (for a hypervisor
+        that maps guest RAM with them; an interpreter would only pay 2 MiB per touched page)."""
+        self._huge_pages = huge_pages
         self._maps: "weakref.WeakKeyDictionary[GuestMemory, list[mmap.mmap]]" = weakref.WeakKeyDictionary()
         self._shared: "weakref.WeakSet[GuestMemory]" = weakref.WeakSet()  # file pages, MAP_SHARED
 
@@ -49,7 +52,8 @@ class MmapAllocator:
                 for _gpa, size in layout:
                     m = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _NORESERVE, _PROT)
                     maps.append(m)
-                    _advise_huge_pages(m)
+                    if self._huge_pages:
+                        _advise_huge_pages(m)
             if backend is not None:
                 _apply_policy(maps, backend)
             memory = GuestMemory([(gpa, m) for (gpa, _size), m in zip(layout, maps)])

@@ -218,10 +218,11 @@ def test_mem_path_that_cannot_be_created_is_a_host_resource_error(tmp_path):
 
 @pytest.mark.skipif(not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"),
                     reason="this kernel has no transparent huge pages")
-def test_anonymous_ram_asks_for_transparent_huge_pages():
-    alloc = MmapAllocator()
-    mem = alloc.allocate([(0, 4 * MiB)])
-    try:
-        assert "hg" in _smaps_flags(mem)  # MADV_HUGEPAGE, as QEMU sets on its RAM blocks
-    finally:
-        alloc.free(mem)
+def test_anonymous_ram_asks_for_transparent_huge_pages_when_told():
+    for huge, flagged in ((True, True), (False, False)):
+        alloc = MmapAllocator(huge_pages=huge)
+        mem = alloc.allocate([(0, 4 * MiB)])
+        try:
+            assert ("hg" in _smaps_flags(mem)) is flagged  # MADV_HUGEPAGE, as QEMU's RAM blocks
+        finally:
+            alloc.free(mem)
