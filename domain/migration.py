@@ -8,10 +8,9 @@ cancelled for migrate_cancel; the progress figures follow QEMU's MigrationInfo/M
 from __future__ import annotations
 
 import enum
-import hashlib
 import json
 import threading
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from typing import Any, Callable
 
 from domain.config import VmConfig
@@ -22,6 +21,7 @@ from domain.errors import (
     SnapshotFormatError,
 )
 from domain.memory import PAGE_SIZE, GuestMemory
+from domain.record import field, record
 
 
 class MigrationStatus(str, enum.Enum):
@@ -58,7 +58,7 @@ def can_transition(src: MigrationStatus, dst: MigrationStatus) -> bool:
     return dst in _TRANSITIONS[src]
 
 
-@dataclass
+@record
 class MigrationStats:
     """Figures of the current job, QEMU's names in query_migrate_info(). Times in ms."""
 
@@ -231,7 +231,7 @@ class MigrationState:
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class MigrationUri:
     scheme: str  # "file" | "tcp" | "unix"
     path: str = ""  # file: directory, unix: socket path
@@ -321,7 +321,7 @@ _DEV_FIELDS = ("driver", "bus", "addr", "mac", "multifunction", "port", "chassis
 _MAX_DEVICES = 4096
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class DeviceFingerprint:
     key: str  # the id, or "driver#n" for the n-th id-less device of that driver
     driver: str
@@ -333,7 +333,7 @@ class DeviceFingerprint:
     chassis: int | None = None
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ConfigFingerprint:
     """What source and destination must agree on, derived from the configuration alone
     (host-side details such as image paths and tap names may differ)."""
@@ -496,6 +496,8 @@ def check_compatible(src: ConfigFingerprint, dst: ConfigFingerprint) -> None:
 def memory_digest(memory: GuestMemory) -> bytes:
     """SHA-256 over guest RAM, region by region (address and size included), so the digest of
     a migrated or restored VM can be compared with the source's at the moment it paused."""
+    import hashlib  # only verify and the test helpers digest memory
+
     h = hashlib.sha256()
     for r in memory.regions:
         h.update(r.gpa.to_bytes(8, "little") + r.size.to_bytes(8, "little"))

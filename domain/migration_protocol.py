@@ -20,12 +20,12 @@ is allocated; garbage raises SnapshotFormatError.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
 from typing import Union
 
 from domain.errors import SnapshotFormatError
 from domain.memory import PAGE_SIZE
 from domain.migration import ConfigFingerprint
+from domain.record import field, record
 from domain.snapshot_format import (
     ARCH,
     MAX_FINGERPRINT,
@@ -89,7 +89,7 @@ _MAX_PAYLOAD = {
 }
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Hello:
     hypervisor_kind: str
     layout: Layout
@@ -99,17 +99,17 @@ class Hello:
     version: int = PROTOCOL_VERSION
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Accept:
     pass
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Reject:
     reason: str
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class PageRun:
     gpa: int
     npages: int
@@ -121,40 +121,40 @@ class PageRun:
         return 0 if self.zero else self.npages * PAGE_SIZE
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Pages:
     runs: tuple[PageRun, ...]
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class IterationEnd:
     round: int
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class StateRecord:
     name: str
     version: int
     payload: bytes
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Complete:
     run: bool = True
     digest: bytes | None = None
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Ack:
     pass
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Cancel:
     pass
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Error:
     reason: str
 

@@ -20,13 +20,13 @@ from __future__ import annotations
 import re
 import struct
 import zlib
-from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 from domain.config import MAX_MEMORY
 from domain.errors import SnapshotFormatError
 from domain.memory import PAGE_SIZE
 from domain.migration import ConfigFingerprint
+from domain.record import record
 
 MAGIC = b"PYSTRATO"
 FORMAT_VERSION = 1
@@ -241,7 +241,7 @@ def decode_record(r: ByteReader, what: str) -> tuple[str, int, bytes]:
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class SnapshotHeader:
     hypervisor_kind: str
     layout: Layout

@@ -10,7 +10,6 @@ checked byte by byte (domain.snapshot_format.nonzero_runs). File-backed and shar
 
 from __future__ import annotations
 
-import ctypes
 import os
 import sys
 
@@ -26,6 +25,8 @@ _MIN_VIEW = 2 << 20
 def _address(view: memoryview) -> int | None:
     if view.readonly:
         return None
+    import ctypes  # on first scan: a restore, which never scans, should not pay its import
+
     return ctypes.addressof(ctypes.c_char.from_buffer(view))
 
 
