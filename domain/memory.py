@@ -95,6 +95,14 @@ class GuestMemory:
         off = gpa - r.gpa
         return r.view[off : off + length]
 
+    def read_view(self, gpa: int, length: int) -> memoryview:
+        """A slice of guest RAM the VMM only reads (a migration sending pages): the same
+        memory as view(), but not reported to track_host_writes, or every page sent would
+        count as dirty again."""
+        r = self._find(gpa, length)
+        off = gpa - r.gpa
+        return r.view[off : off + length]
+
     def read(self, gpa: int, length: int) -> bytes:
         return bytes(self.view(gpa, length))
 

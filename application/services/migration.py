@@ -383,7 +383,7 @@ class MigrationService:
         mem = self._vm.memory
         items: list[tuple[int, int, bool]] = []
         for gpa, npages in self._split_by_region(runs):
-            view = mem.view(gpa, npages * PAGE_SIZE)
+            view = mem.read_view(gpa, npages * PAGE_SIZE)
             pos = 0
             for off, length in self._scan(view):
                 if off > pos:
@@ -437,7 +437,7 @@ class MigrationService:
             while npages:
                 take = min(npages, self._batch_pages - data_pages)
                 batch.append((gpa, take, False))
-                views.append(mem.view(gpa, take * PAGE_SIZE))
+                views.append(mem.read_view(gpa, take * PAGE_SIZE))
                 data_pages += take
                 c.normal += take
                 gpa += take * PAGE_SIZE

@@ -59,3 +59,12 @@ def test_close_stops_the_tracking():
     mem.view(0, 8)
     mem.write_u16(PAGE_SIZE, 1)
     assert log.take() == set()
+
+
+def test_what_the_migration_reads_to_send_is_not_a_host_write():
+    """Pages the engine reads to send them must not come back as dirty, or no migration
+    converges (every round would resend everything it sent)."""
+    mem = memory()
+    log = HostWriteLog(mem)
+    bytes(mem.read_view(0, 4 * PAGE_SIZE))
+    assert log.take() == set()
