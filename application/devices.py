@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from domain.config import MICROVM, DeviceConfig, VmConfig
 from domain.devices.bus import Bus
+from domain.devices.virtio.device import VirtioDevice
 from domain.errors import (
     DeviceNotActiveError,
     DeviceNotFoundError,
@@ -377,6 +378,32 @@ class DeviceManager:
         # Memory backends (huge pages, mem-share, mem-path) are configuration only:
         # domain.migration's snapshot_blockers/migration_blockers name them.
         return out
+
+    def virtio_models(self) -> list[VirtioDevice]:
+        """Every attached virtio device model, once (virtconsole shares its device's model)."""
+        with self._lock:
+            models = [att.model for att in self.attached.values() if isinstance(att.model, VirtioDevice)]
+        return list({id(m): m for m in models}.values())
+
+    def pause_devices(self) -> None:
+        """No device starts new work (queue notifications, tap and chardev input are kept for
+        resume_devices) and the work in flight is done: guest RAM and the device state stay as
+        they are until resume_devices (migration's final pass, a snapshot write)."""
+        paused: list[VirtioDevice] = []
+        try:
+            for model in self.virtio_models():
+                model.pause()
+                paused.append(model)
+        except BaseException:
+            for model in paused:
+                model.resume()
+            raise
+
+    def resume_devices(self) -> None:
+        """Devices take work again, starting with the queues notified while they were paused
+        (on a restored VM: every active queue, whose notification the source may have taken)."""
+        for model in self.virtio_models():
+            model.resume()
 
     def save_states(self) -> dict[str, tuple[int, Any]]:
         return self.platform.save_states()

@@ -149,6 +149,16 @@ class VirtualMachine:
         for r in self.runners:
             r.resume()
 
+    def pause_devices(self) -> None:
+        """Devices start no new work and finish what is in flight (after pause_vcpus: nothing
+        then writes guest RAM or changes device state until resume_devices)."""
+        self.devices.pause_devices()
+
+    def resume_devices(self) -> None:
+        """Devices take work again, first the queues notified while paused (after apply_state:
+        every active queue)."""
+        self.devices.resume_devices()
+
     def shutdown(self, *, guest: bool, reason: str, code: int = 0) -> None:
         """Tear down and end the process; SHUTDOWN is the last event clients see."""
         with self._lock:

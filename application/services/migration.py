@@ -183,6 +183,7 @@ class MigrationService:
         ch: MigrationChannel | None = None
         dirty_log = False
         paused_by_us = False
+        devices_paused = False
         try:
             try:
                 ch = self._factory.connect(uri, self._io_timeout)
@@ -218,8 +219,12 @@ class MigrationService:
                 vm.pause_vcpus()
                 paused_by_us = True
             t_pause = self._clock()
-            # The state first: collecting it quiesces the devices, whose last writes to guest
-            # RAM (used rings, data, status bytes) the final dirty read must then include.
+            # Then the devices (also on a VM the user paused: its devices still run): a
+            # notification the guest gave just before the pause is kept for resume, not
+            # handled after the last memory read, and the requests in flight complete now. Their
+            # last writes to guest RAM (used rings, data, status bytes) are in the final read.
+            vm.pause_devices()
+            devices_paused = True
             records = vm.collect_state()
             final = page_runs(list(pending) + list(vm.dirty_pages()))
             c.rounds += 1
@@ -254,13 +259,13 @@ class MigrationService:
             vm.request_exit(0)
         except Cancelled:
             self._send_quietly(ch, proto.Cancel())
-            self._recover(dirty_log, paused_by_us)
+            self._recover(dirty_log, paused_by_us, devices_paused)
             state.transition(MigrationStatus.CANCELLED)
             self._log.info("migration cancelled; the VM keeps running here")
         except Exception as e:  # the worker must always end the job with a status
             reason = self._describe(e)
             self._send_quietly(ch, proto.Error(reason))
-            self._recover(dirty_log, paused_by_us)
+            self._recover(dirty_log, paused_by_us, devices_paused)
             if state.cancel_requested:
                 state.transition(MigrationStatus.CANCELLED)
                 self._log.info("migration cancelled (%s); the VM keeps running here", reason)
@@ -272,11 +277,10 @@ class MigrationService:
                 self._close_channel(ch)
 
     def _settle_devices(self, ch: MigrationChannel, c: Progress, records: dict) -> dict:
-        """The vCPUs are parked, but a device may still take a request the guest queued just
-        before (its notification not yet handled) after the state was collected, and write
-        guest RAM after the last dirty read. Collect again and resend what was written until
-        two collections agree (no device moved in between); a few passes at most, since a
-        parked guest queues nothing new."""
+        """A safety check: with the vCPUs parked and the devices paused, nothing should move,
+        and the first collection agrees. Should a device still move (host-side work the pause
+        does not cover), collect again and resend what was written until two collections
+        agree; a few passes at most."""
         vm = self._vm
         for _ in range(_SETTLE_PASSES):
             again = vm.collect_state()
@@ -299,9 +303,15 @@ class MigrationService:
             return f"migration connection lost: {e.strerror or e}"
         return f"internal error: {type(e).__name__}: {e}"
 
-    def _recover(self, dirty_log: bool, paused_by_us: bool) -> None:
-        """Put the source back as it was: dirty log off, vCPUs running if we parked them."""
+    def _recover(self, dirty_log: bool, paused_by_us: bool, devices_paused: bool = False) -> None:
+        """Put the source back as it was: dirty log off, devices taking work again (the queues
+        notified during the final pass first), vCPUs running if we parked them."""
         vm = self._vm
+        if devices_paused:
+            try:
+                vm.resume_devices()
+            except Exception as e:  # the vCPUs must run again whatever a device does
+                self._log.error("could not resume the devices: %s", e)
         if dirty_log:
             try:
                 vm.stop_dirty_log()
@@ -632,6 +642,9 @@ class MigrationService:
         except VmmError as e:
             return self._incoming_failed(ch, f"cannot apply the VM state: {e}")
         ch.send([proto.encode(proto.Ack())])
+        # The source paused its devices with notifications maybe not processed: the restored
+        # devices look at every active queue (paused or running, as the source's would).
+        vm.resume_devices()
         if msg.run:
             vm.set_run_state(RunState.RUNNING)
             vm.resume_vcpus()

@@ -152,7 +152,12 @@ class SnapshotService:
         c = Progress(state, self._clock, self._log, self._progress_interval, what="snapshot")
         reason: str | None = None
         cancelled = False
+        devices_paused = False
         try:
+            # The vCPUs are parked, but devices still take notifications given before the
+            # stop and tap/chardev input: none may write RAM or move after the state is taken.
+            vm.pause_devices()
+            devices_paused = True
             kind = vm.hypervisor_kind
             header = SnapshotHeader(kind, memory_layout(vm.memory), config_fingerprint(vm.config, kind))
             data = encode_state_file(header, vm.collect_state())
@@ -184,6 +189,8 @@ class SnapshotService:
         except (VmmError, ValueError) as e:
             reason = f"snapshot failed: {e}"
         finally:
+            if devices_paused:
+                vm.resume_devices()
             # Paused again before the final status shows: a client that sees it may 'cont'.
             if vm.run_state is RunState.SAVE_VM:
                 vm.set_run_state(RunState.PAUSED)
@@ -212,6 +219,9 @@ class SnapshotService:
             self._state.fail(str(e))
             vm.set_run_state(RunState.INTERNAL_ERROR)
             raise
+        # The saved devices were paused, maybe with notifications not processed: the restored
+        # ones look at every active queue.
+        vm.resume_devices()
         if start:
             vm.set_run_state(RunState.RUNNING)
             vm.resume_vcpus()

@@ -75,6 +75,9 @@ class InTestVm:
         self.exited = threading.Event()
         self.events: list = []
         self.collected_while_running = False
+        self.collected_with_devices_running = False
+        self.devices_paused = False
+        self.device_calls: list[str] = []
 
     # --- MigratableVm ---
     @property
@@ -96,9 +99,19 @@ class InTestVm:
         with self._vcpu_lock:
             self.vcpus_running = True
 
+    def pause_devices(self) -> None:
+        self.device_calls.append("pause")
+        self.devices_paused = True
+
+    def resume_devices(self) -> None:
+        self.device_calls.append("resume")
+        self.devices_paused = False
+
     def collect_state(self):
         if self.vcpus_running:
             self.collected_while_running = True
+        if not self.devices_paused:
+            self.collected_with_devices_running = True
         return dict(self.devstate)
 
     def apply_state(self, records):
@@ -240,6 +253,7 @@ def assert_source_intact(vm: InTestVm, running: bool = True) -> None:
     assert vm.run_state is (RunState.RUNNING if running else RunState.PAUSED)
     assert vm.vcpus_running is running
     assert not vm.dirty_logging
+    assert not vm.devices_paused  # resumed if the final pass had paused them
 
 
 # =============================================================================================
@@ -271,6 +285,10 @@ def test_live_migration_with_a_guest_dirtying_pages(tmp_path, log, transport):
     # Source: destroyed after success; parked since the final pass.
     assert src.exit_code == 0 and src.run_state is RunState.POSTMIGRATE and not src.vcpus_running
     assert not src.collected_while_running and not src.dirty_logging
+    # Devices paused for the final pass before any state was taken, never resumed there; the
+    # destination's restored devices take work once the state is in.
+    assert src.device_calls == ["pause"] and not src.collected_with_devices_running
+    assert dst.device_calls == ["resume"]
     # Destination: same memory and state, running.
     assert memory_digest(dst.memory) == memory_digest(src.memory)
     assert dst.devstate == src.devstate
@@ -310,6 +328,9 @@ def test_migrating_a_paused_vm_leaves_the_destination_paused(tmp_path, log):
     finish(svc)
     assert d.join() and state.status is MigrationStatus.COMPLETED
     assert dst.run_state is RunState.PAUSED and not dst.vcpus_running
+    # A paused VM's devices still run: the final pass pauses them too.
+    assert src.device_calls == ["pause"] and not src.collected_with_devices_running
+    assert dst.device_calls == ["resume"]
     assert memory_digest(dst.memory) == memory_digest(src.memory)
 
 
@@ -615,6 +636,7 @@ def test_cancel_during_the_final_pass_resumes_the_source(tmp_path, log):
     _, state, d, dst = _cancel_at(tmp_path, log, GatedFactory(proto.STATE), src)
     assert state.status is MigrationStatus.CANCELLED
     assert_source_intact(src)  # it had been paused for the final pass
+    assert src.device_calls == ["pause", "resume"]
     assert d.join() is False and dst.exit_code == 0
 
 
@@ -738,6 +760,8 @@ def test_snapshot_round_trip(tmp_path):
     _, state = save(src, tmp_path)
     assert state.query_migrate_info() == {"status": "completed"}
     assert src.run_state is RunState.PAUSED
+    # Devices paused while the state and memory were taken, resumed after.
+    assert src.device_calls == ["pause", "resume"] and not src.collected_with_devices_running
     assert sorted(os.listdir(tmp_path)) == ["memory", "state"]
     st = os.stat(tmp_path / "memory")
     assert st.st_size == CFG.memory.size
@@ -752,6 +776,7 @@ def test_snapshot_round_trip(tmp_path):
     SnapshotService(dst, FileSnapshotStore(), dst_state).restore(records)
     assert dst.run_state is RunState.RUNNING and dst.vcpus_running
     assert dst.devstate == src.devstate
+    assert dst.device_calls == ["resume"]  # restored queues are looked at
     assert memory_digest(dst.memory) == memory_digest(src.memory)
     assert [type(e).__name__ for e in dst.events] == ["Resumed"]
     assert dst_state.status is MigrationStatus.COMPLETED
@@ -1355,6 +1380,7 @@ def test_failure_after_the_pause_resumes_the_source(tmp_path, log):
     finish(svc)
     assert state.status is MigrationStatus.FAILED and "KVM_GET_LAPIC" in state.error
     assert_source_intact(src)
+    assert src.device_calls == ["pause", "resume"]
     assert d.join() is False and dst.exit_code == 1
     assert "KVM_GET_LAPIC" in d.state.error  # the source told the destination why
 

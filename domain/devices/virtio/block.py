@@ -13,7 +13,9 @@ overlaps in the host kernel. Requests complete in whatever order they finish (vi
 The thread that completes a request looks for new ones; notifications stay off while anything
 is in flight (a completion will look at the ring anyway) and are switched back on, with a
 re-check, only when the device goes idle. Reset, release and snapshot wait for the requests in
-flight first (``quiesce``). Without ``submit`` every request runs under the lock, in order.
+flight first (``quiesce``); a paused device (``pause``) pops nothing, and a completion or notify
+that would have looked at the ring marks it for ``resume``. Without ``submit`` every request
+runs under the lock, in order.
 """
 
 from __future__ import annotations
@@ -114,7 +116,12 @@ class VirtioBlock(VirtioDevice):
         with a threaded backend all data requests but the last are submitted to it. Returns the
         request left for the calling thread to run, or None."""
         q = self.queues[0]
-        if not self.activated or self._quiescing or not q.active:
+        if not self.activated or not q.active:
+            return None
+        if self.paused:  # resume() looks at the ring (notifications may be off)
+            self._kicked.add(0)
+            return None
+        if self._quiescing:
             return None
         submit = self._submit
         held = None
@@ -172,7 +179,10 @@ class VirtioBlock(VirtioDevice):
         (after the caller's snapshot, say, so the saved indices are the ones waited for)."""
         q = self.queues[0]
         if self.activated and self.broken is None and q.active and q.enable_notification():
-            self._submit(self.process_queue, 0)
+            if self.paused or self._submit is None:
+                self._kicked.add(0)  # resume() takes it (no thread to hand it to without submit)
+            else:
+                self._submit(self.process_queue, 0)
 
     # --- requests ------------------------------------------------------------------------------
 

@@ -9,7 +9,8 @@ never waits. Receive is pulled with back-pressure: the chardev calls ``receive(d
 fills the guest's posted buffers and returns how many bytes fit; when the buffers run out the
 chardev keeps the rest and stops reading until the guest posts buffers again, at which point the
 device calls the chardev's ``input_ready()``. A guest without a driver thus never makes the
-host buffer or spin.
+host buffer or spin. A paused device takes no input the same way; ``resume()`` calls
+``input_ready()``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class VirtioConsole(VirtioDevice):
         super().__init__(mem, [queue_size, queue_size], 0)
         self.backend: CharBackend | None = None
         self.rx_stalled = False  # the chardev holds input back until input_ready()
+        self._rx_deferred = False  # input refused while paused (not device state: resume wakes it)
         self.stats = {"rx_bytes": 0, "tx_bytes": 0, "tx_errors": 0}
         if backend is not None:
             self.connect(backend)
@@ -62,6 +64,15 @@ class VirtioConsole(VirtioDevice):
         # A restored device may have buffers posted already; a fresh one waits for the kick.
         if self.rx_stalled and self.queues[RX_QUEUE].has_available():
             self._wake_input()
+
+    def on_resume(self) -> None:
+        with self.lock:
+            if not self._rx_deferred or self.paused:
+                return
+            self._rx_deferred = False
+            backend = self.backend
+        if backend is not None:
+            backend.input_ready()
 
     def _wake_input(self) -> None:
         self.rx_stalled = False
@@ -97,6 +108,9 @@ class VirtioConsole(VirtioDevice):
         than ``len(data)`` means the buffers ran out: ``input_ready()`` follows when there is
         room again."""
         with self.lock:
+            if self.paused:
+                self._rx_deferred = True
+                return 0
             q = self.queues[RX_QUEUE]
             if not self.activated or not q.active:
                 self.rx_stalled = True

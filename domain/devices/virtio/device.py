@@ -4,6 +4,12 @@ A device is transport-agnostic. The transport (virtio-mmio here) binds itself as
 ``interrupt`` (VirtioInterrupt) and shares its lock with it, so that guest register accesses,
 ioeventfd-driven ``process_queue`` calls and host-side calls (tap readable, balloon target) are
 serialized per device.
+
+Pause (live migration's final pass, a snapshot write): ``pause()`` makes the device start no
+new work and waits for the work in flight; a queue notified meanwhile is remembered and
+processed by ``resume()``, so no notification is lost. A restored device remembers every active
+queue the same way (the source may have taken a notification it never processed), and the VM
+resumes its devices once the state is in.
 """
 
 from __future__ import annotations
@@ -64,6 +70,8 @@ class VirtioDevice:
         self.activated = False
         self.broken: str | None = None
         self.interrupt: VirtioInterrupt = _NoInterrupt()
+        self.paused = False
+        self._kicked: set[int] = set()  # queues notified while paused, processed on resume
 
     def bind(self, interrupt: VirtioInterrupt, lock) -> None:
         self.interrupt = interrupt
@@ -109,10 +117,33 @@ class VirtioDevice:
         self.quiesce()
         for q in self.queues:
             q.reset()
+        self._kicked.clear()
         self.acked_features = 0
         self.activated = False
         self.broken = None
         self.on_reset()
+
+    def pause(self) -> None:
+        """Start no new work (queue notifications and host-side input are remembered, not
+        handled) and wait for the work in flight. Guest RAM and the device state do not change
+        until ``resume()``."""
+        with self.lock:
+            self.paused = True
+            self.quiesce()
+
+    def resume(self) -> None:
+        """Take work again: process every queue notified while paused (and, after a restore,
+        every active queue), then the device's own deferred input (``on_resume``)."""
+        with self.lock:
+            self.paused = False
+            kicked = sorted(self._kicked)
+            self._kicked.clear()
+        for index in kicked:  # outside the lock: virtio-blk runs data I/O without it
+            self.process_queue(index)
+        self.on_resume()
+
+    def on_resume(self) -> None:
+        """Hook for subclasses: host-side input refused while paused (tap, chardev)."""
 
     def on_reset(self) -> None:
         """Hook for subclasses: forget in-flight state (the guest is starting over)."""
@@ -130,6 +161,9 @@ class VirtioDevice:
         """The driver notified queue ``index`` (MMIO QueueNotify or its ioeventfd)."""
         with self.lock:
             if not self.activated or not 0 <= index < len(self.queues) or not self.queues[index].active:
+                return
+            if self.paused:
+                self._kicked.add(index)
                 return
             self.guarded(self.handle_queue, index)
 
@@ -187,6 +221,9 @@ class VirtioDevice:
                     self.activate()
                 except VirtioQueueError as e:
                     raise SnapshotFormatError(f"restored virtqueue is invalid: {e}") from None
+                # The source may have taken a notification it did not process (it paused its
+                # devices): the next resume() looks at every active queue.
+                self._kicked.update(i for i, q in enumerate(self.queues) if q.active)
 
     def restore_device_state(self, state: dict) -> None:
         pass

@@ -5,7 +5,9 @@ Queues: 0 = receive, 1 = transmit. Transmit runs on queue notify. Receive runs w
 application sees the tap readable (level-triggered) and calls ``process_rx()``: it returns False
 when it ran out of guest receive buffers; the application then stops watching the tap until the
 device calls the injected ``rx_wakeup()``, which it does when the guest posts buffers again.
-So a guest that does not post buffers never makes the I/O thread spin.
+So a guest that does not post buffers never makes the I/O thread spin. A paused device
+(migration's final pass) receives nothing the same way: ``process_rx()`` returns False, and
+``resume()`` asks to watch the tap again.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class VirtioNet(VirtioDevice):
         self._rx_wakeup = rx_wakeup
         self.link_up = True
         self.rx_stalled = False
+        self._rx_deferred = False  # the tap was readable while paused
         self._scratch = bytearray(MAX_PACKET)
         self.stats = {"rx_packets": 0, "rx_bytes": 0, "rx_dropped": 0,
                       "tx_packets": 0, "tx_bytes": 0, "tx_dropped": 0}
@@ -113,11 +116,24 @@ class VirtioNet(VirtioDevice):
         moved (call again while the tap is readable); False when the guest's receive buffers ran
         out (stop watching the tap until ``rx_wakeup()``)."""
         with self.lock:
+            if self.paused:  # frames stay in the tap; stop watching it until resume()
+                self._rx_deferred = True
+                return False
             if not self.activated or not self.queues[RX_QUEUE].active or not self.link_up:
                 self._drop_pending()
                 return True
             result = self.guarded(self._rx)
             return True if result is None else result
+
+    def on_resume(self) -> None:
+        with self.lock:
+            if not self._rx_deferred or self.paused:
+                return
+            self._rx_deferred = False
+            if self._rx_wakeup is not None:
+                self._rx_wakeup()  # the application polls the tap again
+            elif self.activated and self.queues[RX_QUEUE].active:
+                self.guarded(self._rx)
 
     def _drop_pending(self, limit: int = 256) -> None:
         for _ in range(limit):
