@@ -36,6 +36,15 @@ class MigratableVm(Protocol):
 
     def resume_vcpus(self) -> None: ...
 
+    def pause_devices(self) -> None:
+        """No device starts new work and none has a request in flight (notifications arriving
+        meanwhile are kept): guest RAM and device state hold still for a final pass or a
+        snapshot."""
+
+    def resume_devices(self) -> None:
+        """Undo pause_devices, processing what was notified while paused (a restored VM looks
+        at every active queue)."""
+
     def collect_state(self) -> dict[str, tuple[int, bytes]]:
         """Every component's state, vCPUs paused: name -> (record version, payload bytes).
         Names: "machine", "vm" (irqchip/pit/clock), "vcpu.N", "dev.<id>"."""
