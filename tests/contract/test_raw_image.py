@@ -3,7 +3,6 @@ threads (submit), direct=on with unaligned buffers, read-only images, close."""
 
 import errno
 import mmap
-import os
 import threading
 
 import pytest

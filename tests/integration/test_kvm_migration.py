@@ -9,7 +9,6 @@ it had when it was paused; a guest that started over would do both.
 from __future__ import annotations
 
 import hashlib
-import os
 import struct
 import time
 

@@ -9,7 +9,6 @@ import pytest
 
 from domain.config import VmConfig
 from domain.devices.virtio import block as b
-from domain.devices.virtio import console as c
 from domain.devices.virtio import net as n
 from domain.devices.virtio.block import VirtioBlock
 from domain.devices.virtio.mmio import VirtioMmioTransport
