@@ -112,6 +112,8 @@ class DeviceManager:
         self.hv_vm: HvVm | None = None
         self.balloon_id: str | None = None
         self._lock = threading.RLock()
+        self._pause_lock = threading.Lock()
+        self._pause_depth = 0  # nested pause_devices calls (stop, then a snapshot, say)
         self.platform: Any = None  # application.machine.Platform, set by realize()
 
     # --- start-up ----------------------------------------------------------------------------------
@@ -388,22 +390,41 @@ class DeviceManager:
     def pause_devices(self) -> None:
         """No device starts new work (queue notifications, tap and chardev input are kept for
         resume_devices) and the work in flight is done: guest RAM and the device state stay as
-        they are until resume_devices (migration's final pass, a snapshot write)."""
-        paused: list[VirtioDevice] = []
-        try:
-            for model in self.virtio_models():
-                model.pause()
-                paused.append(model)
-        except BaseException:
-            for model in paused:
-                model.resume()
-            raise
+        they are until resume_devices (`stop`, migration's final pass, a snapshot write).
+
+        Pauses nest: a snapshot or a cancelled migration of a VM the user stopped resumes
+        nothing; only the outermost resume_devices lets the devices go."""
+        with self._pause_lock:
+            self._pause_depth += 1
+            if self._pause_depth > 1:
+                return
+            paused: list[VirtioDevice] = []
+            try:
+                for model in self.virtio_models():
+                    model.pause()
+                    paused.append(model)
+            except BaseException:
+                self._pause_depth -= 1
+                for model in paused:
+                    model.resume()
+                raise
 
     def resume_devices(self) -> None:
         """Devices take work again, starting with the queues notified while they were paused
-        (on a restored VM: every active queue, whose notification the source may have taken)."""
-        for model in self.virtio_models():
+        (on a restored VM, never paused here: every active queue, whose notification the
+        source may have taken). Inside an outer pause it only undoes the inner one."""
+        with self._pause_lock:
+            if self._pause_depth > 1:
+                self._pause_depth -= 1
+                return
+            self._pause_depth = 0
+            models = self.virtio_models()
+        for model in models:  # outside the lock: a resumed disk runs the I/O it was asked for
             model.resume()
+
+    @property
+    def devices_paused(self) -> bool:
+        return self._pause_depth > 0
 
     def save_states(self) -> dict[str, tuple[int, Any]]:
         return self.platform.save_states()

@@ -113,6 +113,9 @@ class VirtualMachine:
             if st is not RunState.RUNNING:
                 raise InvalidStateError(f"VM is not running (state '{st.value}')")
             self.pause_vcpus()
+            # As QEMU stops its device emulation: no request in flight or newly taken writes
+            # guest RAM while the VM is stopped (pmemsave, a snapshot see a still guest).
+            self.pause_devices()
             self.lifecycle.transition(RunState.PAUSED)
             self.emit(Stopped())
 
@@ -125,6 +128,8 @@ class VirtualMachine:
                 raise InvalidStateError("Migration is not complete: the VM cannot be resumed yet")
             if st not in (RunState.PAUSED, RunState.PRELAUNCH, RunState.POSTMIGRATE):
                 raise InvalidStateError(f"VM cannot be resumed from state '{st.value}'")
+            if st is RunState.PAUSED and self.devices.devices_paused:
+                self.resume_devices()  # the pause `stop` took
             self.lifecycle.transition(RunState.RUNNING)
             self.emit(Resumed())
             self.resume_vcpus()

@@ -129,3 +129,36 @@ def test_snapshot_state_covers_the_console_slot(build, tmp_path):
     states = rt.vm.devices.save_states()
     assert "mmio.console" in states
     rt.vm.devices.restore_states(states)
+
+
+def test_stop_holds_the_devices_and_cont_lets_them_go(build, tmp_path):
+    """As QEMU's stop: a request the guest queued is not carried out while the VM is stopped
+    (guest RAM and the device state hold still), and nothing is lost: cont carries it out."""
+    path = str(tmp_path / "con.sock")
+    rt = build(*console_args(path))
+    rt.vm.start()
+    slot = rt.vm.devices.platform.slots["console"]
+    mem = rt.vm.memory
+    drv = MmioDriver(slot.transport)
+    rxq, txq = MockQueue(mem, 16, RINGS), MockQueue(mem, 16, RINGS + 0x2000)
+    assert drv.start([rxq, txq]) & r.DRIVER_OK
+    client = socket.socket(socket.AF_UNIX)
+    client.settimeout(TIMEOUT)
+    client.connect(path)
+    until(lambda: slot.transport.device.backend.connected, "the chardev to accept the client")
+
+    rt.vm.stop()
+    mem.write(TXBUF, b"held")
+    txq.add_chain([(TXBUF, 4, False)])
+    drv.notify(TX_QUEUE)  # queued before the stop took effect, as a notify in flight would be
+    client.settimeout(0.2)
+    with pytest.raises(socket.timeout):
+        client.recv(64)
+    assert txq.used_idx() == 0  # the used ring did not move while stopped
+    rt.vm.cont()
+    client.settimeout(TIMEOUT)
+    got = b""
+    while len(got) < 4:
+        got += client.recv(64)
+    assert got == b"held"
+    until(lambda: txq.used_idx() == 1, "the request to complete after cont")

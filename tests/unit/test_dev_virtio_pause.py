@@ -207,3 +207,30 @@ def test_a_failed_pause_resumes_the_devices_it_had_paused():
     with pytest.raises(RuntimeError):
         dm.pause_devices()
     assert not disk.dev.paused
+
+
+def test_pauses_nest_and_only_the_outermost_resume_lets_the_devices_go():
+    """`stop` pauses the devices; a snapshot or a cancelled migration of that stopped VM pauses
+    and resumes again: the devices must stay paused until `cont`."""
+    disk = blk.Rig()
+    dm = manager_with(disk.dev)
+    dm.pause_devices()  # stop
+    dm.pause_devices()  # the snapshot writer
+    head = disk.post(0, b.VIRTIO_BLK_T_IN, 0)
+    disk.drv.notify(0)
+    dm.resume_devices()  # the snapshot is written
+    assert disk.dev.paused and dm.devices_paused and disk.q.take_used() == []
+    dm.resume_devices()  # cont
+    assert not disk.dev.paused and not dm.devices_paused
+    assert disk.q.take_used() == [(head, 513)]
+
+
+def test_resume_of_a_never_paused_manager_still_looks_at_the_queues():
+    """A restored VM resumes devices it never paused: they must look at their queues."""
+    disk = blk.Rig()
+    dm = manager_with(disk.dev)
+    disk.dev.pause()  # what restore_state leaves: queues marked, device not taking work
+    head = disk.post(0, b.VIRTIO_BLK_T_IN, 0)
+    disk.drv.notify(0)
+    dm.resume_devices()
+    assert disk.q.take_used() == [(head, 513)] and not dm.devices_paused
