@@ -283,8 +283,11 @@ class DeviceManager:
             att.model = self.platform.add_console_device(att, dev)
         else:
             raise InvalidArgumentError(f"driver '{drv}' is not supported")
-        with self._lock:
-            self.attached[dev_id] = att
+        with self._pause_lock:
+            if self._pause_depth and isinstance(att.model, VirtioDevice):
+                att.model.pause()  # plugged into a stopped VM: held like the others until cont
+            with self._lock:
+                self.attached[dev_id] = att
         return att
 
     def _check_vfio_host(self, dev: DeviceConfig) -> None:

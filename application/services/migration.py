@@ -643,13 +643,15 @@ class MigrationService:
             return self._incoming_failed(ch, f"cannot apply the VM state: {e}")
         ch.send([proto.encode(proto.Ack())])
         # The source paused its devices with notifications maybe not processed: the restored
-        # devices look at every active queue (paused or running, as the source's would).
-        vm.resume_devices()
+        # devices look at every active queue once they run — now, or at `cont` for a VM that
+        # was stopped on the source (held, as `stop` holds them).
         if msg.run:
+            vm.resume_devices()
             vm.set_run_state(RunState.RUNNING)
             vm.resume_vcpus()
             vm.emit(Resumed())
         else:
+            vm.pause_devices()
             vm.set_run_state(RunState.PAUSED)
         state.transition(MigrationStatus.COMPLETED)
         self._log.info("incoming migration completed; the VM runs here%s",

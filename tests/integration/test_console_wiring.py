@@ -162,3 +162,18 @@ def test_stop_holds_the_devices_and_cont_lets_them_go(build, tmp_path):
         got += client.recv(64)
     assert got == b"held"
     until(lambda: txq.used_idx() == 1, "the request to complete after cont")
+
+
+def test_a_disk_plugged_into_a_stopped_vm_is_held_until_cont(build, tmp_path):
+    img = tmp_path / "disk.img"
+    img.write_bytes(bytes(1 << 20))
+    rt = build()
+    rt.vm.start()
+    rt.vm.stop()
+    devices = rt.vm.devices
+    devices.blockdev_add("drive0", str(img), readonly=False, direct=False)
+    att = devices.device_add_config(DeviceConfig("virtio-blk-device", id="vd0", drive="drive0"),
+                                    hotplugged=True)
+    assert att.model.paused  # like the devices `stop` held
+    rt.vm.cont()
+    assert not att.model.paused and not devices.devices_paused
