@@ -72,24 +72,16 @@ class MmapAllocator:
 
     @staticmethod
     def _map_file(layout: Sequence[tuple[int, int]], path: str) -> list[mmap.mmap]:
-        maps: list[mmap.mmap] = []
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             need = sum(size for _gpa, size in layout)
             have = os.fstat(fd).st_size
             if have < need:  # touching a page past EOF would kill us with SIGBUS
                 raise HostResourceError(f"memory file {path} holds {have} bytes, the layout needs {need}")
-            offset = 0
-            for _gpa, size in layout:
-                # PROT_WRITE on a read-only fd is fine for MAP_PRIVATE: writes never reach the file.
-                maps.append(mmap.mmap(fd, size, mmap.MAP_PRIVATE, _PROT, offset=offset))
-                offset += size
-        except BaseException:
-            _close_all(maps)
-            raise
+            # PROT_WRITE on a read-only fd is fine for MAP_PRIVATE: writes never reach the file.
+            return _map_layout(fd, layout, mmap.MAP_PRIVATE)
         finally:
             os.close(fd)
-        return maps
 
     def discard(self, memory: GuestMemory, gpa: int, length: int) -> None:
         """Give the host memory behind [gpa, gpa+length) back (the balloon took those pages):
@@ -147,11 +139,18 @@ def _map_backend(layout: Sequence[tuple[int, int]], path: str, share: bool) -> l
         fd = os.open(path, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
     else:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    maps: list[mmap.mmap] = []
     try:
         if os.fstat(fd).st_size < need:
             os.ftruncate(fd, need)  # on hugetlbfs the size must be a huge-page multiple: EINVAL
-        flags = mmap.MAP_SHARED if share else mmap.MAP_PRIVATE
+        return _map_layout(fd, layout, mmap.MAP_SHARED if share else mmap.MAP_PRIVATE)
+    finally:
+        os.close(fd)
+
+
+def _map_layout(fd: int, layout: Sequence[tuple[int, int]], flags: int) -> list[mmap.mmap]:
+    """One mapping per region, at consecutive offsets of fd in layout order; all or none."""
+    maps: list[mmap.mmap] = []
+    try:
         offset = 0
         for _gpa, size in layout:
             maps.append(mmap.mmap(fd, size, flags, _PROT, offset=offset))
@@ -159,8 +158,6 @@ def _map_backend(layout: Sequence[tuple[int, int]], path: str, share: bool) -> l
     except BaseException:
         _close_all(maps)
         raise
-    finally:
-        os.close(fd)
     return maps
 
 

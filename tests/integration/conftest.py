@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +23,19 @@ def _needs_kvm(request):
 def guest():
     """guest(name) -> path of the built test guest image (built once per source change)."""
     return build_guest
+
+
+@pytest.fixture(scope="session")
+def linux_guest() -> Path:
+    """The Linux guest directory of scripts/build-guest (vmlinux, initramfs, rootfs, cmdline):
+    $PYSTRATO_GUEST_DIR (scripts/test exports it) or a build (cached per machine)."""
+    env = os.environ.get("PYSTRATO_GUEST_DIR")
+    if env:
+        return Path(env)
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([str(root / "scripts" / "build-guest")], cwd=root, check=True,
+                         stdout=subprocess.PIPE, text=True)
+    return Path(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture

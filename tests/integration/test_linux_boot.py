@@ -12,7 +12,6 @@ The milestone times are printed (run with -s to see them); nothing asserts a dur
 
 from __future__ import annotations
 
-import os
 import re
 import secrets
 import shutil
@@ -39,17 +38,6 @@ MILESTONES = [
     ("script done", r"PYSTRATO-SCRIPT-DONE"),
 ]
 FAILURES = r"PYSTRATO-SCRIPT-FAILED.*|Kernel panic.*"
-
-
-@pytest.fixture(scope="module")
-def linux_guest() -> Path:
-    """The guest directory: $PYSTRATO_GUEST_DIR (scripts/test exports it) or a build."""
-    env = os.environ.get("PYSTRATO_GUEST_DIR")
-    if env:
-        return Path(env)
-    out = subprocess.run([str(ROOT / "scripts" / "build-guest")], cwd=ROOT, check=True,
-                         stdout=subprocess.PIPE, text=True)
-    return Path(out.stdout.strip().splitlines()[-1])
 
 
 def _connect(sock: Path, proc: subprocess.Popen) -> RawQmp:

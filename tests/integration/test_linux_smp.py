@@ -10,27 +10,11 @@ Slow: a boot takes about a minute under kvm-pvm; nothing asserts a duration.
 
 from __future__ import annotations
 
-import os
-import subprocess
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
 BOOT_TIMEOUT = 600.0
 
 pytestmark = [pytest.mark.kvm, pytest.mark.slow, pytest.mark.timeout(int(BOOT_TIMEOUT) + 120)]
-
-
-@pytest.fixture(scope="module")
-def linux_guest() -> Path:
-    """The guest directory: $PYSTRATO_GUEST_DIR (scripts/test exports it) or a build."""
-    env = os.environ.get("PYSTRATO_GUEST_DIR")
-    if env:
-        return Path(env)
-    out = subprocess.run([str(ROOT / "scripts" / "build-guest")], cwd=ROOT, check=True,
-                         stdout=subprocess.PIPE, text=True)
-    return Path(out.stdout.strip().splitlines()[-1])
 
 
 def test_linux_brings_up_two_cpus_and_its_init_sees_them_online(vm, linux_guest):

@@ -26,13 +26,6 @@ BOOT_TIMEOUT = 600.0
 pytestmark = [pytest.mark.kvm, pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
-@pytest.fixture(scope="module")
-def linux_guest() -> Path:
-    out = subprocess.run([str(ROOT / "scripts" / "build-guest")], cwd=ROOT, check=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return Path(out.stdout.strip().splitlines()[-1])
-
-
 class Serial:
     def __init__(self, path: Path, proc: subprocess.Popen):
         self.path, self.proc = path, proc
