@@ -11,6 +11,7 @@ management plane, not a guest). pystrato runs the same machine with -accel test 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -64,23 +65,30 @@ def roundtrips(s: socket.socket, f, calls: int) -> list[float]:
     return out
 
 
-def run_one(cmd: list[str], sock: str, calls: int) -> dict:
-    if os.path.exists(sock):
-        os.unlink(sock)
+@contextlib.contextmanager
+def spawned(cmd: list[str]):
+    """(process, its exec time) for the block; killed at the end if it is still running."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     try:
+        yield proc, t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def run_one(cmd: list[str], sock: str, calls: int) -> dict:
+    if os.path.exists(sock):
+        os.unlink(sock)
+    with spawned(cmd) as (proc, t0):
         greet, s, f = connect_greeting(sock, proc, t0)
         rts = roundtrips(s, f, calls)
         pss = pss_kib(proc.pid)
         s.sendall(b'{"execute":"quit"}\n')
         s.close()
         proc.wait(10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     rts.sort()
     return {"greeting_s": greet, "p50_us": rts[len(rts) // 2] * 1e6,
             "p99_us": rts[int(len(rts) * 0.99)] * 1e6, "pss_kib": pss}
@@ -101,18 +109,11 @@ while (line := f.readline()):
 def floor_greeting(python: str, sock: str) -> float:
     if os.path.exists(sock):
         os.unlink(sock)
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([python, "-c", FLOOR, sock], cwd=ROOT, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
+    with spawned([python, "-c", FLOOR, sock]) as (proc, t0):
         greet, s, f = connect_greeting(sock, proc, t0)
         f.close()
         s.close()
         proc.wait(10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     return greet
 
 

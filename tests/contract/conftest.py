@@ -36,6 +36,14 @@ def hypervisor(request):
         hv.close()
 
 
+@pytest.fixture
+def kvm():
+    """KVM alone, for the tests of what only KVM has (CPUID, hypercalls)."""
+    hv = _kvm()
+    yield hv
+    hv.close()
+
+
 @contextlib.contextmanager
 def refused(err: int):
     """Expect a HypervisorError carrying errno ``err`` (KVM's answer, mirrored by the fake)."""

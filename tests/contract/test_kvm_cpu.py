@@ -20,17 +20,6 @@ CPUID = b"\x0f\xa2"
 MOV_EAX_EBX, MOV_EAX_ECX, MOV_EAX_EDX = b"\x89\xd8", b"\x89\xc8", b"\x89\xd0"
 
 
-@pytest.fixture
-def kvm():
-    if not os.path.exists("/dev/kvm"):
-        pytest.skip("/dev/kvm is missing")
-    from adapters.kvm.hypervisor import KvmHypervisor
-
-    hv = KvmHypervisor()
-    yield hv
-    hv.close()
-
-
 def cpuid_program(*queries: tuple[int, int, bytes]) -> bytes:
     """For each (leaf, subleaf, mov eax,<reg>): cpuid, then out 0x500 of that register."""
     code = b""

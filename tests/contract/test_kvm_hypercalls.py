@@ -6,7 +6,6 @@ first PV IPI (KVM_HC_SEND_IPI); setup() hides the hypercall-based PV features th
 
 from __future__ import annotations
 
-import os
 
 import pytest
 
@@ -23,17 +22,6 @@ KVM_LEAF = 0x40000001
 PV_UNHALT, PV_SEND_IPI, PV_SCHED_YIELD = 1 << 7, 1 << 11, 1 << 13
 HYPERCALL_BITS = PV_UNHALT | PV_SEND_IPI | PV_SCHED_YIELD
 OUT_PROBE_PORT = bytes((0xE6, probe.PORT))
-
-
-@pytest.fixture
-def kvm():
-    if not os.path.exists("/dev/kvm"):
-        pytest.skip("/dev/kvm is missing")
-    from adapters.kvm.hypervisor import KvmHypervisor
-
-    hv = KvmHypervisor()
-    yield hv
-    hv.close()
 
 
 def supported_kvm_features(kvm) -> int:
