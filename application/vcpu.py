@@ -80,11 +80,9 @@ class VcpuRunner:
     # --- the vCPU thread -----------------------------------------------------------------------
 
     def _park_if_requested(self) -> bool:
-        """Returns False when the thread must exit."""
-        # Lock-free fast path, once per exit: the flags are set before the kick, and the kick
-        # makes the next run() return Interrupted, so a flag read stale here is seen next time.
-        if not (self._pause_requested or self._exit_requested):
-            return True
+        """Returns False when the thread must exit. The loop reads the flags lock-free before
+        calling this: they are set before the kick, and the kick makes the next run() return
+        Interrupted, so a flag read stale there is seen on the next exit."""
         with self._cond:
             if not (self._pause_requested or self._exit_requested):
                 return True
@@ -99,7 +97,10 @@ class VcpuRunner:
         vcpu, pio, mmio = self.vcpu, self._pio, self._mmio
         IoOut, IoIn, MmioW, MmioR, Interrupted = ve.IoOut, ve.IoIn, ve.MmioWrite, ve.MmioRead, ve.Interrupted
         try:
-            while self._park_if_requested():
+            while True:
+                # Checked inline (no call) on every exit; _park_if_requested re-checks under the lock.
+                if (self._pause_requested or self._exit_requested) and not self._park_if_requested():
+                    break
                 exit_ = vcpu.run()
                 t = type(exit_)
                 if t is IoOut:

@@ -74,8 +74,9 @@ def pio_pystrato(workdir: Path, n: int) -> tuple[float, float]:
 
 
 def _out_loop(n: int) -> bytes:
-    """mov ecx, n; 1: out dx, al; dec ecx; jnz 1b; out 0x81, al; jmp $ (dx = PORT)."""
-    body = b"\xee" + b"\xff\xc9"
+    """mov ecx, n; 1: out dx, al; dec rcx; jnz 1b; out 0x81, al; jmp $ (dx = PORT): the loop
+    instructions of the pio test guest (tests/guests/src/pio.c), so both run the same guest code."""
+    body = b"\xee" + b"\x48\xff\xc9"
     return (b"\x66\xba" + PORT.to_bytes(2, "little") + b"\xb9" + n.to_bytes(4, "little") + body
             + b"\x75" + bytes([(-(len(body) + 2)) & 0xFF]) + b"\xe6\x81" + b"\xeb\xfe")
 

@@ -2,7 +2,7 @@ import threading
 
 import pytest
 
-from domain.devices.bus import Bus, BusConflictError
+from domain.devices.bus import CACHE_LIMIT, Bus, BusConflictError
 
 
 class Recorder:
@@ -104,3 +104,37 @@ def test_concurrent_insert_and_dispatch():
         stop.set()
         t.join()
     assert not errors
+
+
+def test_cached_answers_follow_insert_and_remove():
+    """The per-address cache must not keep a miss after an insert or a hit after a remove."""
+    bus = Bus()
+    one = memoryview(bytearray(1))
+    assert not bus.write(0x1004, one)  # a miss, now cached
+    dev = Recorder()
+    bus.insert(dev, 0x1000, 0x10)
+    assert bus.write(0x1004, one) and dev.writes == [(4, b"\x00")]
+    assert bus.remove(0x1000) is dev
+    assert not bus.write(0x1004, one) and not bus.read(0x1004, one)
+    other = Recorder()
+    bus.insert(other, 0x1004, 4)  # a new device at the old address: offsets from its own base
+    assert bus.write(0x1004, one) and other.writes == [(0, b"\x00")]
+
+
+def test_cached_hit_still_refuses_an_access_past_the_range_end():
+    bus = Bus()
+    bus.insert(Recorder(), 0x1000, 0x10)
+    assert bus.read(0x100C, memoryview(bytearray(4)))  # cached with 4 bytes of room
+    assert not bus.read(0x100C, memoryview(bytearray(8)))
+    assert not bus.write(0x100C, memoryview(bytearray(8)))
+
+
+def test_a_guest_probing_every_address_cannot_grow_the_cache_without_bound():
+    bus = Bus()
+    dev = Recorder()
+    bus.insert(dev, 0, 4)
+    one = memoryview(bytearray(1))
+    for addr in range(0x10000, 0x10000 + 3 * CACHE_LIMIT):
+        assert not bus.read(addr, one)
+    assert len(bus._table[2]) <= CACHE_LIMIT
+    assert bus.read(1, one) and dev.reads[-1] == (1, 1)
