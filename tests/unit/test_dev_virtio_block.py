@@ -6,71 +6,16 @@ from hypothesis import strategies as st
 
 from domain.devices.virtio import block as b
 from domain.devices.virtio import mmio as r
-from domain.devices.virtio.block import VirtioBlock
-from domain.devices.virtio.mock import MmioDriver, MockQueue
-from domain.devices.virtio.mmio import VirtioMmioTransport
-from domain.errors import HostResourceError
-from domain.memory import GuestMemory
+from tests.unit.virtio_blk_rig import DISK, RAM, BlockRig, MemDisk, notify_fuzzed_queue
 
-RAM = 0x80000
 HDR = 0x20000
 DATA = 0x30000
 STATUS = 0x2F000
-DISK = 64 * 512
 
 
-class MemDisk:
-    """In-memory BlockBackend test double that records the buffers it was handed."""
-
-    def __init__(self, size=DISK, readonly=False):
-        self.data = bytearray(bytes(range(256)) * (size // 256))
-        self.size = size
-        self.readonly = readonly
-        self.flushes = 0
-        self.buffer_types = set()
-        self.fail = False
-
-    def readv(self, offset, bufs):
-        if self.fail:
-            raise HostResourceError("disk gone")
-        n = 0
-        for buf in bufs:
-            self.buffer_types.add(type(buf))
-            chunk = self.data[offset + n:offset + n + len(buf)]
-            buf[:len(chunk)] = chunk
-            n += len(chunk)
-        return n
-
-    def writev(self, offset, bufs):
-        if self.fail:
-            raise OSError(5, "EIO")
-        n = 0
-        for buf in bufs:
-            self.buffer_types.add(type(buf))
-            self.data[offset + n:offset + n + len(buf)] = buf
-            n += len(buf)
-        return n
-
-    def flush(self):
-        self.flushes += 1
-
-    def close(self):
-        pass
-
-
-class Rig:
+class Rig(BlockRig):
     def __init__(self, readonly=False, serial="disk-serial-0123456789ABC"):
-        self.mem = GuestMemory([(0, bytearray(RAM))])
-        self.disk = MemDisk(readonly=readonly)
-        self.dev = VirtioBlock(self.mem, self.disk, serial=serial, queue_size=16)
-        self.irqs = 0
-        self.t = VirtioMmioTransport(self.dev, self.irq)
-        self.drv = MmioDriver(self.t)
-        self.q = MockQueue(self.mem, 16, 0x1000)
-        assert self.drv.start([self.q]) & r.DRIVER_OK
-
-    def irq(self):
-        self.irqs += 1
+        super().__init__(MemDisk(readonly=readonly), serial=serial)
 
     def request(self, rtype, sector, data_bufs, status=STATUS):
         """data_bufs: (addr, len, writable). Returns (status byte, used len)."""
@@ -214,26 +159,7 @@ def test_hostile_chain_sets_needs_reset():
        avail_idx=st.integers(0, 10),
        header=st.binary(min_size=16, max_size=16))
 def test_fuzz_block_requests(desc, ring, avail_idx, header):
-    mem = GuestMemory([(0, bytearray(0x8000))])
-    disk = MemDisk()
-    dev = VirtioBlock(mem, disk, queue_size=8)
-    t = VirtioMmioTransport(dev, lambda: None)
-    drv = MmioDriver(t)
-    q = MockQueue(mem, 8, 0x100)
-    drv.start([q])
-    # Point random descriptors at a small window so some land on real memory.
-    raw = bytearray(desc)
-    for i in range(8):
-        addr = struct.unpack_from("<Q", raw, 16 * i)[0]
-        struct.pack_into("<Q", raw, 16 * i, addr % 0x9000)
-        length = struct.unpack_from("<I", raw, 16 * i + 8)[0]
-        struct.pack_into("<I", raw, 16 * i + 8, length % 0x1200)
-    mem.write(q.desc_addr, bytes(raw))
-    mem.write(0x4000, header)
-    for i, h in enumerate(ring):
-        mem.write_u16(q.avail_addr + 4 + 2 * i, h)
-    q.set_avail_idx(avail_idx)
-    drv.notify(0)  # must never raise
+    dev, drv, q = notify_fuzzed_queue(MemDisk(), desc, ring, avail_idx, header)  # must never raise
     status = drv.read32(r.STATUS)
     if dev.broken:
         assert status & r.DEVICE_NEEDS_RESET

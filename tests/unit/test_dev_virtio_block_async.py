@@ -10,14 +10,9 @@ from hypothesis import strategies as st
 
 from domain.devices.virtio import block as b
 from domain.devices.virtio import mmio as r
-from domain.devices.virtio.block import VirtioBlock
-from domain.devices.virtio.mock import MmioDriver, MockQueue
-from domain.devices.virtio.mmio import VirtioMmioTransport
 from domain.devices.virtio.queue import VRING_USED_F_NO_NOTIFY
-from domain.memory import GuestMemory
-from tests.unit.test_dev_virtio_block import DISK, MemDisk
+from tests.unit.virtio_blk_rig import DISK, RAM, BlockRig, MemDisk, notify_fuzzed_queue
 
-RAM = 0x80000
 HDRS = 0x20000
 DATA = 0x30000
 STATUSES = 0x2F000
@@ -52,19 +47,9 @@ class JobDisk(MemDisk):
         return super().readv(offset, bufs)
 
 
-class Rig:
+class Rig(BlockRig):
     def __init__(self, features=None, disk=None):
-        self.mem = GuestMemory([(0, bytearray(RAM))])
-        self.disk = disk or JobDisk()
-        self.dev = VirtioBlock(self.mem, self.disk, queue_size=16)
-        self.irqs = 0
-        self.t = VirtioMmioTransport(self.dev, self.irq)
-        self.drv = MmioDriver(self.t)
-        self.q = MockQueue(self.mem, 16, 0x1000)
-        assert self.drv.start([self.q], features) & r.DRIVER_OK
-
-    def irq(self):
-        self.irqs += 1
+        super().__init__(disk or JobDisk(), features)
 
     def post(self, slot, rtype, sector, length=512):
         """Request in slot (own header, data and status); returns its head."""
@@ -249,25 +234,8 @@ def test_requests_posted_during_a_snapshot_wait_are_taken_afterwards():
        header=st.binary(min_size=16, max_size=16),
        order=st.randoms(use_true_random=False))
 def test_fuzz_with_requests_in_flight(desc, ring, avail_idx, header, order):
-    mem = GuestMemory([(0, bytearray(0x8000))])
     disk = JobDisk()
-    dev = VirtioBlock(mem, disk, queue_size=8)
-    t = VirtioMmioTransport(dev, lambda: None)
-    drv = MmioDriver(t)
-    q = MockQueue(mem, 8, 0x100)
-    drv.start([q])
-    raw = bytearray(desc)
-    for i in range(8):
-        addr = struct.unpack_from("<Q", raw, 16 * i)[0]
-        struct.pack_into("<Q", raw, 16 * i, addr % 0x9000)
-        length = struct.unpack_from("<I", raw, 16 * i + 8)[0]
-        struct.pack_into("<I", raw, 16 * i + 8, length % 0x1200)
-    mem.write(q.desc_addr, bytes(raw))
-    mem.write(0x4000, header)
-    for i, h in enumerate(ring):
-        mem.write_u16(q.avail_addr + 4 + 2 * i, h)
-    q.set_avail_idx(avail_idx)
-    drv.notify(0)  # must never raise
+    dev, drv, q = notify_fuzzed_queue(disk, desc, ring, avail_idx, header)  # must never raise
     while disk.jobs:
         disk.run(order.randrange(len(disk.jobs)))
     assert dev._in_flight == 0
