@@ -137,10 +137,18 @@ class Platform:
         kernel = self.dm.read_file(cfg.kernel)
         initrd = self.dm.read_file(cfg.initrd) if cfg.initrd else None
         regs, sregs = setup_linux_boot(self.memory, kernel, initrd, self.kernel_cmdline(), nr_vcpus,
-                                       cfg.smp.maxcpus)
+                                       cfg.smp.maxcpus, reserved=self._e820_reserved())
         bsp = vcpus[0]
         bsp.set_sregs(sregs)
         bsp.set_regs(regs)
+
+    def _e820_reserved(self) -> list[tuple[int, int]]:
+        """q35's ECAM window, so the guest never puts a BAR or bridge window over it."""
+        if self.config.machine.type == MICROVM:
+            return []
+        from domain.devices.pci import layout as pci_layout
+
+        return [(pci_layout.ECAM_BASE, pci_layout.ECAM_BUSES << 20)]
 
     IDLE_LOOP_GPA = 0x1000
     IDLE_LOOP = bytes((0xF4, 0xEB, 0xFD))  # 1: hlt; jmp 1b

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from domain.boot import layout
 from domain.boot.cpu import setup_boot_cpu
 from domain.boot.errors import BootError
@@ -27,12 +29,13 @@ BZIMAGE_ENTRY_64 = "64"
 
 def boot_linux(mem: GuestMemory, kernel_bytes, initrd_bytes, cmdline: str | bytes,
                nr_vcpus: int, max_vcpus: int | None = None, *,
-               bzimage_entry: str = BZIMAGE_ENTRY_64) -> BootInfo:
+               bzimage_entry: str = BZIMAGE_ENTRY_64, reserved: Sequence[tuple[int, int]] = ()) -> BootInfo:
     """Everything setup_linux_boot does, also returning where things went.
 
     A bzImage is entered at its 64-bit entry (load address + 0x200) by default, or with
     bzimage_entry="32" at its 32-bit protocol entry in flat protected mode, as QEMU's loader
-    does. An ELF vmlinux is always entered in 64-bit mode at e_entry.
+    does. An ELF vmlinux is always entered in 64-bit mode at e_entry. ``reserved``: (addr, size)
+    windows of the machine that e820 marks reserved (q35's ECAM).
     Measured on this project's kvm-pvm host: the ELF vmlinux boots to userspace; a bzImage
     stalls in its decompressor either way (64-bit: at the decompressor's first demand-paging
     page fault; 32-bit: before any I/O), so use the vmlinux there."""
@@ -45,7 +48,7 @@ def boot_linux(mem: GuestMemory, kernel_bytes, initrd_bytes, cmdline: str | byte
     initrd = None
     if initrd_bytes is not None and len(initrd_bytes):
         initrd = load_initrd(mem, kernel, initrd_bytes)
-    write_boot_params(mem, kernel, cmdline_len, initrd)
+    write_boot_params(mem, kernel, cmdline_len, initrd, reserved)
     setup_mptable(mem, nr_vcpus, max_vcpus)
     if kernel.is_bzimage and bzimage_entry == BZIMAGE_ENTRY_32:
         regs, sregs = setup_boot_cpu(mem, kernel.entry_32, protected_32=True)
@@ -56,8 +59,9 @@ def boot_linux(mem: GuestMemory, kernel_bytes, initrd_bytes, cmdline: str | byte
 
 def setup_linux_boot(mem: GuestMemory, kernel_bytes, initrd_bytes, cmdline: str | bytes,
                      nr_vcpus: int, max_vcpus: int | None = None, *,
-                     bzimage_entry: str = BZIMAGE_ENTRY_64) -> tuple[Regs, Sregs]:
+                     bzimage_entry: str = BZIMAGE_ENTRY_64,
+                     reserved: Sequence[tuple[int, int]] = ()) -> tuple[Regs, Sregs]:
     """Load a bzImage or ELF vmlinux (+ optional initrd) and return the BSP's (Regs, Sregs)."""
     info = boot_linux(mem, kernel_bytes, initrd_bytes, cmdline, nr_vcpus, max_vcpus,
-                      bzimage_entry=bzimage_entry)
+                      bzimage_entry=bzimage_entry, reserved=reserved)
     return info.regs, info.sregs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 
 from domain.boot import layout
 from domain.boot.errors import BootError
@@ -36,8 +37,10 @@ TYPE_OF_LOADER_OTHER = 0xFF
 ELF_KERNEL_ALIGNMENT = 0x0100_0000
 
 
-def e820_map(mem: GuestMemory) -> list[tuple[int, int, int]]:
-    """(addr, size, type) entries: guest RAM, with the EBDA/ISA hole and the KVM TSS pages reserved."""
+def e820_map(mem: GuestMemory, reserved: Sequence[tuple[int, int]] = ()) -> list[tuple[int, int, int]]:
+    """(addr, size, type) entries: guest RAM, with the EBDA/ISA hole and the KVM TSS pages reserved,
+    plus the machine's own ``reserved`` (addr, size) windows (q35's ECAM): Linux keeps what e820
+    reserves out of the addresses it hands to PCI BARs and bridge windows."""
     out: list[tuple[int, int, int]] = []
     for r in mem.regions:
         start, end = r.gpa, r.end
@@ -48,6 +51,10 @@ def e820_map(mem: GuestMemory) -> list[tuple[int, int, int]]:
             out.append((lo, end - lo, E820_RAM))
     out.append((layout.EBDA_START, layout.HIMEM_START - layout.EBDA_START, E820_RESERVED))
     out.append((layout.IDENTITY_MAP_ADDR, layout.KVM_PRIVATE_END - layout.IDENTITY_MAP_ADDR, E820_RESERVED))
+    for addr, size in reserved:
+        if any(addr < r.end and r.gpa < addr + size for r in mem.regions):
+            raise BootError(f"reserved window {addr:#x}+{size:#x} overlaps guest RAM", "-m")
+        out.append((addr, size, E820_RESERVED))
     out.sort()
     if len(out) > E820_MAX_ENTRIES:
         raise BootError(f"guest memory map needs {len(out)} e820 entries, more than {E820_MAX_ENTRIES}", "-m")
@@ -94,7 +101,7 @@ def load_initrd(mem: GuestMemory, kernel: KernelInfo, initrd) -> tuple[int, int]
 
 
 def write_boot_params(mem: GuestMemory, kernel: KernelInfo, cmdline_len: int,
-                      initrd: tuple[int, int] | None) -> bytes:
+                      initrd: tuple[int, int] | None, reserved: Sequence[tuple[int, int]] = ()) -> bytes:
     """Build the zero page and write it at ZERO_PAGE_START; returns its bytes."""
     bp = bytearray(ZERO_PAGE_SIZE)
     if kernel.setup_header is not None:
@@ -112,7 +119,7 @@ def write_boot_params(mem: GuestMemory, kernel: KernelInfo, cmdline_len: int,
         addr, size = initrd
         struct.pack_into("<II", bp, BP_RAMDISK_IMAGE, addr & 0xFFFFFFFF, size & 0xFFFFFFFF)
         struct.pack_into("<II", bp, BP_EXT_RAMDISK_IMAGE, addr >> 32, size >> 32)
-    entries = e820_map(mem)
+    entries = e820_map(mem, reserved)
     bp[BP_E820_ENTRIES] = len(entries)
     for i, entry in enumerate(entries):
         _E820.pack_into(bp, BP_E820_TABLE + i * _E820.size, *entry)

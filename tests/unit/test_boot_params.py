@@ -54,6 +54,26 @@ def test_e820_small_guest():
         assert a + s <= b
 
 
+def test_e820_reserves_the_machine_windows_and_refuses_one_over_ram():
+    ecam = (0xE000_0000, 256 * MiB)
+    m = e820_map(ram(64 * MiB), [ecam])
+    assert (*ecam, E820_RESERVED) in m
+    assert m == sorted(m)
+    with pytest.raises(BootError, match="overlaps guest RAM"):
+        e820_map(ram(64 * MiB), [(32 * MiB, MiB)])
+
+
+def test_q35_boot_params_carry_the_ecam_reservation():
+    from domain.devices.pci import layout as pci_layout
+
+    mem = ram(64 * MiB)
+    kernel = load_kernel(mem, make_elf([(0x1000000, b"k" * 64, 64)], entry=0x1000000))
+    bp = write_boot_params(mem, kernel, 0, None, [(pci_layout.ECAM_BASE, pci_layout.ECAM_BUSES * MiB)])
+    n = bp[0x1E8]
+    entries = [struct.unpack_from("<QQI", bp, 0x2D0 + 20 * i) for i in range(n)]
+    assert (pci_layout.ECAM_BASE, pci_layout.ECAM_BUSES * MiB, E820_RESERVED) in entries
+
+
 def test_e820_guest_with_ram_above_4g():
     class FakeMem:  # regions only: no need to allocate 5 GiB
         class R:
