@@ -38,6 +38,7 @@ from domain.memory import PAGE_SIZE, GuestMemory
 from domain.migration import MigrationState, MigrationStatus, config_fingerprint, memory_digest
 from domain import migration_protocol as proto
 from domain.snapshot_format import memory_file_regions, nonzero_runs
+from tests.stream_proxy import StreamProxy
 
 MiB = 1 << 20
 CFG = VmConfig(
@@ -248,6 +249,14 @@ def finish(svc: MigrationService) -> None:
     assert svc.wait(60), "source migration worker did not finish"
 
 
+def migrate_once(src, uri: str, log, verify: bool = False, **kw) -> MigrationState:
+    """Migrate src to uri with a fresh source service (kw: its options) and wait for its worker."""
+    svc, state = source_service(src, log, **kw)
+    svc.migrate(uri, verify=verify)
+    finish(svc)
+    return state
+
+
 def assert_source_intact(vm: InTestVm, running: bool = True) -> None:
     assert vm.exit_code is None
     assert vm.run_state is (RunState.RUNNING if running else RunState.PAUSED)
@@ -309,9 +318,7 @@ def test_converges_early_when_the_rest_fits_the_budget(tmp_path, log):
     fill(src, 0.5)
     dst = InTestVm(state=RunState.PRELAUNCH)
     d = Destination(dst, f"unix:{tmp_path}/m.sock", log)
-    svc, state = source_service(src, log, downtime_limit=10.0, max_rounds=30)
-    svc.migrate(d.address)
-    finish(svc)
+    state = migrate_once(src, d.address, log, downtime_limit=10.0, max_rounds=30)
     assert d.join() and state.status is MigrationStatus.COMPLETED
     # Idle guest: one dirty-log read shows nothing is left, then the final pass.
     assert state.stats().dirty_sync_count == 2
@@ -323,9 +330,7 @@ def test_migrating_a_paused_vm_leaves_the_destination_paused(tmp_path, log):
     fill(src, 0.2)
     dst = InTestVm(state=RunState.PRELAUNCH)
     d = Destination(dst, f"unix:{tmp_path}/m.sock", log)
-    svc, state = source_service(src, log)
-    svc.migrate(d.address)
-    finish(svc)
+    state = migrate_once(src, d.address, log)
     assert d.join() and state.status is MigrationStatus.COMPLETED
     assert dst.run_state is RunState.PAUSED and not dst.vcpus_running
     # The final pass pauses the devices (on a real VM this nests in the pause `stop` took).
@@ -343,9 +348,7 @@ def test_stale_destination_memory_is_overwritten_when_not_fresh(tmp_path, log):
     dst = InTestVm(state=RunState.PRELAUNCH)
     fill(dst, 0.5, seed=99)
     d = Destination(dst, f"unix:{tmp_path}/m.sock", log, fresh_memory=False)
-    svc, _ = source_service(src, log)
-    svc.migrate(d.address)
-    finish(svc)
+    migrate_once(src, d.address, log)
     assert d.join()
     assert memory_digest(dst.memory) == memory_digest(src.memory)
 
@@ -355,69 +358,17 @@ def test_verify_checks_the_memory_digest_end_to_end(tmp_path, log):
     fill(src, 0.3)
     dst = InTestVm(state=RunState.PRELAUNCH)
     d = Destination(dst, f"unix:{tmp_path}/m.sock", log)
-    svc, state = source_service(src, log)
-    svc.migrate(d.address, verify=True)
-    finish(svc)
+    state = migrate_once(src, d.address, log, verify=True)
     assert d.join() and state.status is MigrationStatus.COMPLETED
     assert any("digest verified" in line for line in log.lines)
 
 
-class Proxy:
-    """Forwards one connection to a unix socket; can stop after N source bytes (cut) or flip one."""
-
-    def __init__(self, tmp_path, target: str, cut_after: int | None = None, flip_at: int | None = None):
-        self.path = str(tmp_path / f"proxy-{random.randrange(1 << 30)}.sock")
-        self.srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.srv.bind(self.path)
-        self.srv.listen(1)
-        self.target, self.cut_after, self.flip_at = target, cut_after, flip_at
-        self.forwarded = 0
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    @property
-    def uri(self) -> str:
-        return f"unix:{self.path}"
-
-    def _run(self) -> None:
-        a, _ = self.srv.accept()
-        b = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        b.connect(self.target)
-        back = threading.Thread(target=self._pump_back, args=(b, a), daemon=True)
-        back.start()
-        try:
-            while True:
-                chunk = a.recv(65536)
-                if not chunk:
-                    break
-                if self.cut_after is not None and self.forwarded + len(chunk) >= self.cut_after:
-                    b.sendall(chunk[: self.cut_after - self.forwarded])
-                    self.forwarded = self.cut_after
-                    break
-                if self.flip_at is not None and self.forwarded <= self.flip_at < self.forwarded + len(chunk):
-                    chunk = bytearray(chunk)
-                    chunk[self.flip_at - self.forwarded] ^= 0xFF
-                    chunk = bytes(chunk)
-                b.sendall(chunk)
-                self.forwarded += len(chunk)
-        except OSError:
-            pass
-        finally:
-            for s in (a, b):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-            back.join(5)
-            a.close()
-            b.close()
-            self.srv.close()
-
-    @staticmethod
-    def _pump_back(b: socket.socket, a: socket.socket) -> None:
-        try:
-            while chunk := b.recv(65536):
-                a.sendall(chunk)
-        except OSError:
-            pass
+def proxy_to(tmp_path, d: Destination, **kw) -> StreamProxy:
+    """A started StreamProxy in front of the destination's unix socket."""
+    px = StreamProxy.unix(str(tmp_path / f"proxy-{random.randrange(1 << 30)}.sock"),
+                          d.address[len("unix:"):], **kw)
+    px.start()
+    return px
 
 
 def test_verify_detects_corruption_in_transit(tmp_path, log):
@@ -428,10 +379,8 @@ def test_verify_detects_corruption_in_transit(tmp_path, log):
     d = Destination(dst, f"unix:{tmp_path}/m.sock", log)
     hello = proto.encode(proto.Hello("test", tuple(layout_for(CFG.memory.size)), config_fingerprint(CFG, "test")))
     flip = len(hello) + proto.FRAME_HEADER_SIZE + 4 + proto.RUN_SIZE + 1000  # inside page data
-    px = Proxy(tmp_path, d.address[len("unix:"):], flip_at=flip)
-    svc, state = source_service(src, log)
-    svc.migrate(px.uri, verify=True)
-    finish(svc)
+    px = proxy_to(tmp_path, d, flip_at=flip)
+    state = migrate_once(src, px.uri, log, verify=True)
     assert d.join() is False and dst.exit_code == 1
     assert state.status is MigrationStatus.FAILED
     assert "digest differs" in state.error
@@ -443,12 +392,10 @@ def _stream_length(tmp_path, log) -> int:
     fill(src, 0.1, seed=11)
     dst = InTestVm(state=RunState.PRELAUNCH)
     d = Destination(dst, f"unix:{tmp_path}/measure.sock", log)
-    px = Proxy(tmp_path, d.address[len("unix:"):])
-    svc, state = source_service(src, log)
-    svc.migrate(px.uri)
-    finish(svc)
+    px = proxy_to(tmp_path, d)
+    state = migrate_once(src, px.uri, log)
     assert d.join() and state.status is MigrationStatus.COMPLETED
-    px.thread.join(5)
+    px.join(5)
     return px.forwarded
 
 
@@ -462,10 +409,8 @@ def test_connection_cut_at_random_points_fails_and_leaves_the_source_intact(tmp_
         before = memory_digest(src.memory), dict(src.devstate)
         dst = InTestVm(state=RunState.PRELAUNCH)
         d = Destination(dst, f"unix:{tmp_path}/cut{i}.sock", log, io_timeout=10)
-        px = Proxy(tmp_path, d.address[len("unix:"):], cut_after=cut)
-        svc, state = source_service(src, log, io_timeout=10)
-        svc.migrate(px.uri)
-        finish(svc)
+        px = proxy_to(tmp_path, d, limit=cut)
+        state = migrate_once(src, px.uri, log, io_timeout=10)
         assert state.status is MigrationStatus.FAILED, (cut, state.query_migrate_info())
         assert state.query_migrate_info()["error-desc"]
         assert_source_intact(src)
@@ -481,9 +426,7 @@ def test_destination_refuses_a_mismatched_configuration(tmp_path, log):
                        devices=CFG.devices)
     dst = InTestVm(dst_cfg, state=RunState.PRELAUNCH)
     d = Destination(dst, f"unix:{tmp_path}/m.sock", log)
-    svc, state = source_service(src, log)
-    svc.migrate(d.address)
-    finish(svc)
+    state = migrate_once(src, d.address, log)
     assert d.join() is False and dst.exit_code == 1
     assert state.status is MigrationStatus.FAILED
     assert state.error == ("destination refused the migration: "
@@ -512,9 +455,7 @@ def test_each_compatibility_rule_is_refused_by_the_destination(tmp_path, log, ds
     cfg = dst_kw.pop("config", CFG)
     dst = InTestVm(cfg, state=RunState.PRELAUNCH, **dst_kw)
     d = Destination(dst, f"unix:{tmp_path}/m.sock", log)
-    svc, state = source_service(src, log)
-    svc.migrate(d.address)
-    finish(svc)
+    state = migrate_once(src, d.address, log)
     assert d.join() is False and dst.exit_code == 1
     assert state.status is MigrationStatus.FAILED and expected in state.error
     assert_source_intact(src)
@@ -545,9 +486,7 @@ def test_migrate_refuses_bad_uris_and_states(log):
 
 def test_unreachable_destination_fails_and_source_keeps_running(tmp_path, log):
     src = InTestVm()
-    svc, state = source_service(src, log)
-    svc.migrate(f"unix:{tmp_path}/nobody.sock")
-    finish(svc)
+    state = migrate_once(src, f"unix:{tmp_path}/nobody.sock", log)
     assert state.status is MigrationStatus.FAILED
     assert state.error.startswith(f"cannot connect to unix:{tmp_path}/nobody.sock")
     assert_source_intact(src)
@@ -1358,9 +1297,7 @@ def test_progress_is_logged_during_transfers(tmp_path, log):
     fill(src, 0.5)
     dst = InTestVm(state=RunState.PRELAUNCH)
     d = Destination(dst, f"unix:{tmp_path}/m.sock", log)
-    svc, _ = source_service(src, log, progress_interval=0.0, batch_bytes=256 << 10)
-    svc.migrate(d.address)
-    finish(svc)
+    migrate_once(src, d.address, log, progress_interval=0.0, batch_bytes=256 << 10)
     assert d.join()
     progress = [line for line in log.lines if line.startswith("migration: round")]
     assert len(progress) >= 8 and "MiB sent" in progress[-1] and "Mbps" in progress[-1]
@@ -1377,9 +1314,7 @@ def test_failure_after_the_pause_resumes_the_source(tmp_path, log):
     fill(src, 0.1)
     dst = InTestVm(state=RunState.PRELAUNCH)
     d = Destination(dst, f"unix:{tmp_path}/m.sock", log)
-    svc, state = source_service(src, log)
-    svc.migrate(d.address)
-    finish(svc)
+    state = migrate_once(src, d.address, log)
     assert state.status is MigrationStatus.FAILED and "KVM_GET_LAPIC" in state.error
     assert_source_intact(src)
     assert src.device_calls == ["pause", "resume"]
@@ -1397,9 +1332,7 @@ def test_a_dirty_page_outside_guest_ram_fails_the_migration(tmp_path, log):
     src = BadDirtyLogVm()
     dst = InTestVm(state=RunState.PRELAUNCH)
     d = Destination(dst, f"unix:{tmp_path}/m.sock", log)
-    svc, state = source_service(src, log, downtime_limit=0.0, max_rounds=2)
-    svc.migrate(d.address)
-    finish(svc)
+    state = migrate_once(src, d.address, log, downtime_limit=0.0, max_rounds=2)
     assert state.status is MigrationStatus.FAILED and "outside guest RAM" in state.error
     assert_source_intact(src)
     assert d.join() is False
@@ -1410,9 +1343,7 @@ def test_destination_refuses_state_that_does_not_fit(tmp_path, log):
     dst = InTestVm(state=RunState.PRELAUNCH)
     dst.devstate["vcpu.2"] = (2, b"")  # the destination expects a record the source lacks
     d = Destination(dst, f"unix:{tmp_path}/m.sock", log)
-    svc, state = source_service(src, log)
-    svc.migrate(d.address)
-    finish(svc)
+    state = migrate_once(src, d.address, log)
     assert state.status is MigrationStatus.FAILED
     assert state.error.startswith("destination could not load the migration: cannot apply the VM state")
     assert_source_intact(src)
