@@ -2,52 +2,16 @@ import pytest
 
 from domain.devices.bus import Bus
 from domain.devices.virtio import mmio as r
-from domain.devices.virtio.device import (
-    VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX,
-    VirtioDevice,
-)
+from domain.devices.virtio.device import VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX
 from domain.devices.virtio.mock import MmioDriver, MockQueue
 from domain.devices.virtio.mmio import VirtioMmioTransport
 from domain.devices.virtio.queue import VIRTQ_DESC_F_NEXT
 from domain.errors import SnapshotFormatError
 from domain.memory import GuestMemory
+from tests.unit.virtio_echo import EchoDevice
 
 RAM = 0x40000
 DATA = 0x20000
-
-
-class EchoDevice(VirtioDevice):
-    """Test device: completes every chain with used len = total writable length."""
-
-    device_id = 42
-    FEATURE_X = 1 << 3
-
-    def __init__(self, mem):
-        super().__init__(mem, [16, 16], self.FEATURE_X)
-        self.config = bytearray(b"CONFIG!!")
-        self.activations = 0
-        self.resets = 0
-        self.handled = []
-
-    def config_bytes(self):
-        return bytes(self.config)
-
-    def write_config(self, offset, data):
-        self.config[offset:offset + len(data)] = data
-
-    def on_activate(self):
-        self.activations += 1
-
-    def on_reset(self):
-        self.resets += 1
-
-    def handle_queue(self, index):
-        q = self.queues[index]
-        while (chain := q.pop()) is not None:
-            self.handled.append((index, chain.head))
-            q.add_used(chain.head, sum(n for _, n, w in chain.descs if w))
-        self.signal_used(index)
 
 
 class Rig:

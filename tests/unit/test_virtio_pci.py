@@ -10,11 +10,12 @@ from domain.devices.pci import virtio_pci as vp
 from domain.devices.pci.host import devfn
 from domain.devices.pci.mock import PciRig, VirtioPciDriver
 from domain.devices.pci.virtio_pci import VirtioPciTransport
-from domain.devices.virtio.device import VIRTIO_F_VERSION_1, VirtioDevice
+from domain.devices.virtio.device import VIRTIO_F_VERSION_1
 from domain.devices.virtio.mmio import DEVICE_NEEDS_RESET, DRIVER_OK, FEATURES_OK
 from domain.devices.virtio.mock import MockQueue
 from domain.errors import SnapshotFormatError
 from domain.memory import GuestMemory
+from tests.unit.virtio_echo import EchoDevice
 
 RAM = 0x40000
 DATA = 0x20000
@@ -23,34 +24,15 @@ BAR_ADDR = 0xC000_8000
 LAPIC = 0xFEE0_0000
 
 
-class EchoDevice(VirtioDevice):
+class BlockEchoDevice(EchoDevice):
     device_id = 2  # presents as a block device
-    FEATURE_X = 1 << 3
-
-    def __init__(self, mem):
-        super().__init__(mem, [16, 16], self.FEATURE_X)
-        self.config = bytearray(b"CONFIG!!")
-        self.handled = []
-
-    def config_bytes(self):
-        return bytes(self.config)
-
-    def write_config(self, offset, data):
-        self.config[offset:offset + len(data)] = data
-
-    def handle_queue(self, index):
-        q = self.queues[index]
-        while (chain := q.pop()) is not None:
-            self.handled.append((index, chain.head))
-            q.add_used(chain.head, sum(n for _, n, w in chain.descs if w))
-        self.signal_used(index)
 
 
 class Setup:
     def __init__(self):
         self.rig = PciRig()
         self.mem = GuestMemory([(0, bytearray(RAM))])
-        self.dev = EchoDevice(self.mem)
+        self.dev = BlockEchoDevice(self.mem)
         self.activated = []
         self.t = self.rig.wire(VirtioPciTransport(self.dev, self.rig.send_msi, name="vblk",
                                                   on_activate=self.activated.append))
