@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from tests.integration.unix_client import connect, recv_exactly
 from tests.integration.waiting import until
 
 from adapters.chardev import ChardevOpener
@@ -18,10 +19,6 @@ from adapters.chardev.socket import UnixSocketChardev
 from adapters.chardev.stream import FileChardev, StdioChardev
 from domain.config import ChardevConfig
 from domain.errors import ConfigError, HostResourceError
-
-TIMEOUT = 10.0
-
-
 
 
 class Guest:
@@ -66,22 +63,6 @@ def chardev(path):
     yield make
     for dev in opened:
         dev.close()
-
-
-def connect(path):
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(TIMEOUT)
-    s.connect(path)
-    return s
-
-
-def recv_exactly(sock, n):
-    buf = b""
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        assert chunk, "connection closed early"
-        buf += chunk
-    return buf
 
 
 def test_socket_is_0600_and_removed_on_close(chardev, path):

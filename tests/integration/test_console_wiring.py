@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from tests.integration.unix_client import TIMEOUT, connect, recv_exactly
 from tests.integration.waiting import until
 
 from application.container import Container, Runtime
@@ -23,9 +24,6 @@ from domain.devices.virtio.mock import MmioDriver, MockQueue
 RINGS = 0x200000
 RXBUF = 0x210000
 TXBUF = 0x220000
-TIMEOUT = 10.0
-
-
 
 
 @pytest.fixture
@@ -53,6 +51,19 @@ def console_args(path):
             "-device", "virtio-serial-device,id=vs0", "-device", "virtconsole,id=c0,chardev=con"]
 
 
+def drive_console(rt, path):
+    """The guest's console driver on the VM's console slot (rx and tx queues started) and a
+    client connected to its socket chardev. Returns (driver, rx queue, tx queue, client)."""
+    slot = rt.vm.devices.platform.slots["console"]
+    drv = MmioDriver(slot.transport)
+    rxq, txq = MockQueue(rt.vm.memory, 16, RINGS), MockQueue(rt.vm.memory, 16, RINGS + 0x2000)
+    assert drv.read32(r.DEVICE_ID) == 3
+    assert drv.start([rxq, txq]) & r.DRIVER_OK
+    client = connect(path)
+    until(lambda: slot.transport.device.backend.connected, "the chardev to accept the client")
+    return drv, rxq, txq, client
+
+
 def test_microvm_console_slot_carries_bytes_both_ways(build, tmp_path):
     path = str(tmp_path / "con.sock")
     rt = build(*console_args(path))
@@ -64,24 +75,13 @@ def test_microvm_console_slot_carries_bytes_both_ways(build, tmp_path):
     assert att["vs0"].model is att["c0"].model is slot.transport.device  # one device
 
     mem = rt.vm.memory
-    drv = MmioDriver(slot.transport)
-    rxq, txq = MockQueue(mem, 16, RINGS), MockQueue(mem, 16, RINGS + 0x2000)
-    assert drv.read32(r.DEVICE_ID) == 3
-    assert drv.start([rxq, txq]) & r.DRIVER_OK
-
-    client = socket.socket(socket.AF_UNIX)
-    client.settimeout(TIMEOUT)
-    client.connect(path)
-    until(lambda: slot.transport.device.backend.connected, "the chardev to accept the client")
+    drv, rxq, txq, client = drive_console(rt, path)
 
     # guest -> client
     mem.write(TXBUF, b"Welcome\r\n")
     txq.add_chain([(TXBUF, 9, False)])
     drv.notify(TX_QUEUE)
-    got = b""
-    while len(got) < 9:
-        got += client.recv(64)
-    assert got == b"Welcome\r\n"
+    assert recv_exactly(client, 9) == b"Welcome\r\n"
 
     # client -> guest: held until the guest posts buffers, then delivered
     client.sendall(b"uname\n")
@@ -137,15 +137,8 @@ def test_stop_holds_the_devices_and_cont_lets_them_go(build, tmp_path):
     path = str(tmp_path / "con.sock")
     rt = build(*console_args(path))
     rt.vm.start()
-    slot = rt.vm.devices.platform.slots["console"]
     mem = rt.vm.memory
-    drv = MmioDriver(slot.transport)
-    rxq, txq = MockQueue(mem, 16, RINGS), MockQueue(mem, 16, RINGS + 0x2000)
-    assert drv.start([rxq, txq]) & r.DRIVER_OK
-    client = socket.socket(socket.AF_UNIX)
-    client.settimeout(TIMEOUT)
-    client.connect(path)
-    until(lambda: slot.transport.device.backend.connected, "the chardev to accept the client")
+    drv, _, txq, client = drive_console(rt, path)
 
     rt.vm.stop()
     mem.write(TXBUF, b"held")
@@ -157,10 +150,7 @@ def test_stop_holds_the_devices_and_cont_lets_them_go(build, tmp_path):
     assert txq.used_idx() == 0  # the used ring did not move while stopped
     rt.vm.cont()
     client.settimeout(TIMEOUT)
-    got = b""
-    while len(got) < 4:
-        got += client.recv(64)
-    assert got == b"held"
+    assert recv_exactly(client, 4) == b"held"
     until(lambda: txq.used_idx() == 1, "the request to complete after cont")
 
 
