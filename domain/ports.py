@@ -207,8 +207,20 @@ class EventSink(Protocol):
 Listener = Callable[[object], None]
 
 
-class IoPoller(Protocol):
-    """The device I/O thread: eventfds (ioeventfd queue notifies, irqfds) and tap fds."""
+class Timers(Protocol):
+    """One-shot timers whose callbacks run in the device I/O thread, like fd callbacks (device
+    models that need time to pass: the CMOS clock's periodic, alarm and update interrupts)."""
+
+    def call_at(self, deadline: float, callback: Callable[[], None]) -> object:
+        """Call ``callback`` once, in the I/O thread, at or after ``deadline`` (a time.monotonic()
+        value; one already past runs at once). Thread-safe. Returns a handle for cancel()."""
+
+    def cancel(self, handle: object) -> None:
+        """The callback will not run, unless it already started. Idempotent; thread-safe."""
+
+
+class IoPoller(Timers, Protocol):
+    """The device I/O thread: eventfds (ioeventfd queue notifies, irqfds), tap fds and timers."""
 
     def new_eventfd(self) -> int: ...
 

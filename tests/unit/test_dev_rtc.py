@@ -161,3 +161,349 @@ def test_bad_snapshot_state_is_refused(bad):
     dev, _ = make()
     with pytest.raises(SnapshotFormatError):
         dev.restore_state(bad)
+
+
+# --- interrupts ----------------------------------------------------------------------------------
+# One fake time drives both clocks: monotonic = t, host UNIX time = T0 + t (T0 is a whole second,
+# so the guest's seconds turn over at whole t).
+
+
+class FakeTimer:
+    def __init__(self):
+        self.pending: dict[object, tuple[float, object]] = {}
+        self.armed = 0
+
+    def call_at(self, deadline, callback):
+        handle = object()
+        self.pending[handle] = (deadline, callback)
+        self.armed += 1
+        return handle
+
+    def cancel(self, handle):
+        self.pending.pop(handle, None)
+
+    def deadline(self):
+        return min((d for d, _ in self.pending.values()), default=None)
+
+
+class Rig:
+    """An RTC with a fake clock, a fake timer and a counting trigger; ``handler`` (if set) runs
+    on each interrupt, as a guest's IRQ 8 handler would."""
+
+    def __init__(self, t=0.0):
+        self.t = t
+        self.timer = FakeTimer()
+        self.irqs = 0
+        self.fired_at: list[float] = []
+        self.handler = None
+        self.dev = CmosRtc(lambda: T0 + self.t, timer=self.timer, trigger=self._irq, monotonic=lambda: self.t)
+
+    def _irq(self):
+        self.irqs += 1
+        self.fired_at.append(self.t)
+        if self.handler is not None:
+            self.handler()
+
+    def run_until(self, t):
+        """Advance time to t, firing each timer as its deadline comes (as the I/O thread would:
+        with the device lock taken by the callback itself)."""
+        while True:
+            due = [(d, h) for h, (d, _) in self.timer.pending.items() if d <= t]
+            if not due:
+                break
+            deadline, handle = min(due, key=lambda e: e[0])
+            _, callback = self.timer.pending.pop(handle)
+            self.t = max(self.t, deadline)
+            callback()
+        self.t = max(self.t, t)
+
+    def rd(self, reg):
+        with self.dev.lock:  # the bus holds the device lock around every access
+            return rd(self.dev, reg)
+
+    def wr(self, reg, value):
+        with self.dev.lock:
+            wr(self.dev, reg, value)
+
+
+@pytest.mark.parametrize("rate,hz", [(0, None), (1, 256), (2, 128), (3, 8192), (4, 4096), (6, 1024),
+                                     (7, 512), (13, 8), (15, 2), (0x26, 1024)])
+def test_periodic_rate_table(rate, hz):
+    period = r.periodic_period(rate)
+    assert (period is None) if hz is None else period == pytest.approx(1 / hz)
+
+
+def test_nothing_is_scheduled_while_no_enabled_source_needs_it():
+    rig = Rig()
+    assert rig.timer.armed == 0  # default: 1024 Hz rate, no enables
+    rig.wr(r.REG_B, r.B_24H | r.B_PIE)
+    assert rig.timer.deadline() is not None
+    rig.wr(r.REG_B, r.B_24H)
+    assert rig.timer.pending == {}
+    rig.wr(r.REG_A, 0x20)  # rate 0: PIE has nothing to tick
+    rig.wr(r.REG_B, r.B_24H | r.B_PIE)
+    assert rig.timer.pending == {}
+    rig.wr(r.REG_A, 0x70 | 0x06)  # dividers in reset: neither ticks nor updates
+    rig.wr(r.REG_B, r.B_24H | r.B_PIE | r.B_UIE | r.B_AIE)
+    assert rig.timer.pending == {}
+    rig.wr(r.REG_A, r.A_DEFAULT)
+    rig.wr(r.REG_B, r.B_24H | r.B_SET | r.B_UIE | r.B_AIE)  # SET: no updates, so no UF or AF
+    assert rig.timer.pending == {}
+    rig.run_until(5.0)
+    assert rig.irqs == 0
+
+
+def test_periodic_flag_latches_even_without_pie_and_reading_c_clears_it():
+    rig = Rig()
+    assert rig.rd(r.REG_C) == 0
+    rig.run_until(0.5 / 1024)
+    assert rig.rd(r.REG_C) == 0  # no tick yet
+    rig.run_until(1.0 / 1024)
+    assert rig.rd(r.REG_C) == r.C_PF  # no IRQF: PIE is off
+    assert rig.rd(r.REG_C) == 0
+    rig.run_until(10.0 / 1024)  # ten ticks: one flag
+    assert rig.rd(r.REG_C) == r.C_PF
+    assert rig.irqs == 0 and rig.timer.armed == 0
+
+
+def test_pie_raises_one_edge_until_c_is_read():
+    rig = Rig()
+    rig.wr(r.REG_A, 0x20 | 15)  # 2 Hz
+    rig.wr(r.REG_B, r.B_24H | r.B_PIE)
+    assert rig.timer.deadline() == pytest.approx(0.5)
+    rig.run_until(0.5)
+    assert rig.irqs == 1
+    assert rig.timer.pending == {}  # IRQF is up: nothing more to raise until C is read
+    rig.run_until(3.0)
+    assert rig.irqs == 1
+    # the seconds turned twice (UF) and passed 00:00:00, what the alarm registers hold at reset (AF)
+    assert rig.rd(r.REG_C) == r.C_IRQF | r.C_PF | r.C_UF | r.C_AF
+    assert rig.timer.deadline() == pytest.approx(3.5)  # the next tick, on the same phase
+    rig.run_until(3.5)
+    assert rig.irqs == 2 and rig.rd(r.REG_C) == r.C_IRQF | r.C_PF
+
+
+def test_a_guest_handler_reading_c_gets_every_tick_at_a_slow_rate():
+    rig = Rig()
+    flags = []
+    rig.handler = lambda: flags.append(rd(rig.dev, r.REG_C))  # the callback holds the lock
+    rig.wr(r.REG_A, 0x20 | 9)  # 128 Hz
+    rig.wr(r.REG_B, r.B_24H | r.B_PIE)
+    rig.run_until(1.0 - 1e-9)
+    assert rig.irqs == 127
+    assert all(f & (r.C_IRQF | r.C_PF) == r.C_IRQF | r.C_PF for f in flags)
+
+
+def test_8192_hz_is_coalesced_to_the_timer_cap():
+    rig = Rig()
+    rig.handler = lambda: rd(rig.dev, r.REG_C)
+    rig.wr(r.REG_A, 0x20 | 3)  # 8192 Hz
+    rig.wr(r.REG_B, r.B_24H | r.B_PIE)
+    rig.run_until(1.0)
+    assert r.MAX_TIMER_HZ - 2 <= rig.irqs <= r.MAX_TIMER_HZ + 1
+    gaps = [b - a for a, b in zip(rig.fired_at, rig.fired_at[1:])]
+    assert min(gaps) >= r.MIN_TIMER_INTERVAL - 1e-9
+
+
+def test_a_late_timer_raises_once_and_does_not_catch_up_in_a_burst():
+    rig = Rig()
+    rig.handler = lambda: rd(rig.dev, r.REG_C)
+    rig.wr(r.REG_B, r.B_24H | r.B_PIE)  # 1024 Hz
+    (deadline, callback), = rig.timer.pending.values()
+    rig.timer.pending.clear()
+    rig.t = deadline + 0.25  # the I/O thread was stuck for 256 ticks
+    callback()
+    assert rig.irqs == 1
+    assert rig.timer.deadline() > rig.t  # the next tick after now, not the missed ones
+
+
+def test_stale_timer_callback_does_nothing():
+    rig = Rig()
+    rig.wr(r.REG_B, r.B_24H | r.B_PIE)
+    (_, stale), = rig.timer.pending.values()
+    rig.wr(r.REG_B, r.B_24H)  # cancelled, but the callback may already be on its way
+    rig.t = 1.0
+    stale()
+    assert rig.irqs == 0 and rig.timer.pending == {}
+
+
+def test_update_ended_interrupt_once_a_second():
+    rig = Rig(0.25)
+    rig.wr(r.REG_B, r.B_24H | r.B_UIE)
+    assert rig.timer.deadline() == pytest.approx(1.0)  # the next turn of the seconds
+    rig.run_until(0.99)
+    assert rig.irqs == 0
+    rig.run_until(1.0)
+    assert rig.irqs == 1
+    assert rig.rd(r.REG_C) == r.C_IRQF | r.C_UF | r.C_PF  # PF latched meanwhile, PIE off
+    assert rig.rd(r.REG_SECONDS) == 0x59
+    rig.handler = lambda: rd(rig.dev, r.REG_C)
+    rig.run_until(10.5)
+    assert rig.irqs == 10
+
+
+def test_update_flag_latches_without_uie_and_set_stops_it():
+    rig = Rig()
+    rig.run_until(1.0)
+    assert rig.rd(r.REG_C) & r.C_UF
+    rig.wr(r.REG_B, r.B_24H | r.B_SET)
+    rig.run_until(3.0)
+    assert not rig.rd(r.REG_C) & r.C_UF
+    rig.wr(r.REG_B, r.B_24H)  # resuming is not an update
+    assert not rig.rd(r.REG_C) & r.C_UF
+    rig.run_until(4.0)
+    assert rig.rd(r.REG_C) & r.C_UF
+
+
+def test_alarm_with_dont_care_hours_and_minutes_fires_once_at_its_second():
+    rig = Rig()  # 23:59:58
+    rig.wr(r.REG_HOURS_ALARM, 0xC0)
+    rig.wr(r.REG_MINUTES_ALARM, 0xFF)
+    rig.wr(r.REG_SECONDS_ALARM, 0x05)
+    rig.wr(r.REG_B, r.B_24H | r.B_AIE)
+    assert rig.timer.deadline() == pytest.approx(7.0)  # 00:00:05
+    rig.run_until(6.999)
+    assert rig.irqs == 0
+    assert rig.rd(r.REG_C) & r.C_AF == 0
+    rig.run_until(7.0)
+    assert rig.irqs == 1
+    assert rig.rd(r.REG_C) == r.C_IRQF | r.C_AF | r.C_UF | r.C_PF
+    assert rig.timer.deadline() == pytest.approx(67.0)  # 00:01:05: once a minute
+    rig.run_until(66.0)
+    assert rig.irqs == 1 and not rig.rd(r.REG_C) & r.C_AF
+
+
+def test_alarm_at_an_exact_time_and_in_12_hour_binary_mode():
+    rig = Rig()
+    rig.wr(r.REG_B, r.B_DM_BINARY)  # binary, 12-hour
+    rig.wr(r.REG_HOURS_ALARM, 12)  # 12 AM
+    rig.wr(r.REG_MINUTES_ALARM, 0)
+    rig.wr(r.REG_SECONDS_ALARM, 1)
+    rig.wr(r.REG_B, r.B_DM_BINARY | r.B_AIE)
+    assert rig.timer.deadline() == pytest.approx(3.0)  # 00:00:01
+    rig.run_until(3.0)
+    assert rig.irqs == 1 and rig.rd(r.REG_C) & r.C_AF
+    assert rig.timer.deadline() == pytest.approx(3.0 + 86400)
+
+
+def test_alarm_flag_latches_for_a_passed_alarm_without_aie():
+    rig = Rig()
+    for reg, v in ((r.REG_HOURS_ALARM, 0x00), (r.REG_MINUTES_ALARM, 0x00), (r.REG_SECONDS_ALARM, 0x00)):
+        rig.wr(reg, v)
+    rig.run_until(1.5)
+    assert not rig.rd(r.REG_C) & r.C_AF
+    rig.run_until(3600.0)  # 00:00:00 went by, unobserved
+    assert rig.rd(r.REG_C) & r.C_AF
+    assert rig.timer.armed == 0
+
+
+def test_an_alarm_no_time_matches_arms_nothing():
+    rig = Rig()
+    rig.wr(r.REG_SECONDS_ALARM, 0x99)  # 99 s in BCD, and not a don't-care value
+    rig.wr(r.REG_B, r.B_24H | r.B_AIE)
+    assert rig.timer.pending == {}
+    rig.run_until(200.0)
+    assert not rig.rd(r.REG_C) & r.C_AF
+
+
+def test_enabling_a_source_whose_flag_is_latched_raises_at_once():
+    rig = Rig()
+    rig.run_until(0.01)
+    rig.wr(r.REG_B, r.B_24H | r.B_PIE)
+    assert rig.irqs == 1
+    assert rig.rd(r.REG_C) == r.C_IRQF | r.C_PF
+
+
+def test_setting_the_clock_is_not_an_update_and_moves_the_alarm():
+    rig = Rig()
+    rig.wr(r.REG_HOURS_ALARM, 0x12)
+    rig.wr(r.REG_MINUTES_ALARM, 0x00)
+    rig.wr(r.REG_SECONDS_ALARM, 0x00)
+    rig.wr(r.REG_B, r.B_24H | r.B_AIE)
+    assert rig.timer.deadline() == pytest.approx(2.0 + 12 * 3600)
+    rig.wr(r.REG_HOURS, 0x11)  # now 11:59:58
+    rig.wr(r.REG_MINUTES, 0x59)
+    assert not rig.rd(r.REG_C) & r.C_UF
+    assert rig.timer.deadline() == pytest.approx(2.0)
+    rig.run_until(2.0)
+    assert rig.irqs == 1 and rig.rd(r.REG_C) & r.C_AF
+
+
+def test_dividers_in_reset_hold_the_time_and_the_ticks():
+    rig = Rig()
+    rig.wr(r.REG_A, 0x70 | 0x06)
+    rig.run_until(5.0)
+    assert rig.rd(r.REG_SECONDS) == 0x58 and rig.rd(r.REG_C) == 0
+    rig.wr(r.REG_A, r.A_DEFAULT)
+    rig.run_until(6.0)
+    assert rig.rd(r.REG_SECONDS) == 0x59
+
+
+def test_interrupt_state_round_trip_resumes_the_phase():
+    rig = Rig()
+    rig.wr(r.REG_A, 0x20 | 15)  # 2 Hz
+    rig.wr(r.REG_B, r.B_24H | r.B_PIE)
+    rig.run_until(0.2)
+    state = rig.dev.save_state()
+    other = Rig(100.0)
+    other.dev.restore_state(state)
+    assert other.rd(r.REG_B) == r.B_24H | r.B_PIE
+    assert other.timer.deadline() == pytest.approx(100.3)  # 0.3 s left, as at the source
+    other.run_until(100.3)
+    assert other.irqs == 1 and other.rd(r.REG_C) & r.C_PF
+
+
+def test_restored_flags_and_owed_updates_carry_over():
+    rig = Rig()
+    rig.wr(r.REG_B, r.B_24H | r.B_UIE)
+    rig.run_until(1.0)
+    assert rig.irqs == 1  # IRQF up, unread
+    rig.t = 2.5  # one more update owed, unobserved
+    state = rig.dev.save_state()
+    assert state["c"] & r.C_IRQF and state["update_lag"] == 1
+    other = Rig(50.0)
+    other.dev.restore_state(state)
+    # The edge may have been lost between the irqchip's save and this one: raised again.
+    assert other.irqs == 1 and other.timer.pending == {}
+    assert other.rd(r.REG_C) == r.C_IRQF | r.C_UF | r.C_PF
+
+
+def test_version_1_state_still_restores():
+    rig = Rig()
+    v1 = {k: v for k, v in rig.dev.save_state().items() if k in ("index", "ram", "offset", "frozen")}
+    v1["ram"][r.REG_B] = r.B_24H | r.B_UIE
+    other = Rig(7.25)
+    other.dev.restore_state(v1, 1)
+    assert other.rd(r.REG_C) == 0 and other.timer.deadline() == pytest.approx(8.0)
+    with pytest.raises(SnapshotFormatError):
+        other.dev.restore_state(v1)  # version 2 needs the interrupt fields
+
+
+@pytest.mark.parametrize("field,value", [("c", 0x01), ("c", 0x100), ("phase_ns", -1), ("phase_ns", 10**9),
+                                         ("periodic_lag_ns", 2 * 10**9), ("update_lag", 86401), ("c", "x")])
+def test_bad_interrupt_state_is_refused(field, value):
+    rig = Rig()
+    state = rig.dev.save_state()
+    state[field] = value
+    with pytest.raises(SnapshotFormatError):
+        rig.dev.restore_state(state)
+
+
+def test_unknown_state_version_is_refused():
+    rig = Rig()
+    with pytest.raises(SnapshotFormatError):
+        rig.dev.restore_state(rig.dev.save_state(), 3)
+
+
+@pytest.mark.parametrize("tod,alarm,want", [
+    (0, (None, None, None), 1),
+    (59, (None, None, 0), 1),
+    (5, (None, None, 5), 60),
+    (3600 * 23 + 3599, (0, 0, 0), 1),
+    (10, (0, 0, 10), 86400),
+    (3600 * 5, (4, None, None), 23 * 3600),
+    (3600 * 4 + 59 * 60 + 59, (4, None, None), 23 * 3600 + 1),
+    (3600 * 4 + 30 * 60, (4, None, None), 1),
+])
+def test_next_alarm(tod, alarm, want):
+    assert r.next_alarm(tod, alarm) == want
