@@ -3,6 +3,7 @@ QMP client, process start/stop, the "fully written" memory images, and the Markd
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -218,6 +219,29 @@ class BenchBase:
         self.env = pystrato_env(os.path.join(workdir, "pycache"))
         self.prefill: dict[int, str] = {}
 
+    def ours_cmd(self, size: int, name: str, *extra: str) -> tuple[list[str], str]:
+        """pystrato's command line for a microvm guest of ``size`` MiB with QMP on DIR/NAME.sock,
+        and that socket."""
+        sock = os.path.join(self.dir, f"{name}.sock")
+        unlink(sock)
+        return [*pystrato_cmd(), "-accel", self.accel, "-machine", "microvm", "-m", str(size),
+                *extra, "-qmp", f"unix:{sock},server,nowait"], sock
+
+    def qemu_cmd(self, size: int, name: str, backend: str, *extra: str) -> tuple[list[str], str]:
+        """QEMU's command line for a microvm guest of ``size`` MiB whose RAM is the -object
+        ``backend`` (see qemu_memory), QMP on DIR/NAME.sock, and that socket."""
+        sock = os.path.join(self.dir, f"{name}.sock")
+        unlink(sock)
+        return [self.qemu, "-M", "microvm,memory-backend=mem", "-object", backend,
+                "-accel", self.qaccel, "-m", str(size), "-nodefaults", "-display", "none",
+                *extra, "-qmp", f"unix:{sock},server=on,wait=off"], sock
+
+    def qemu_memory(self, size: int, content: str = "zero") -> str:
+        """QEMU's RAM backend: for "full", the prefilled image mapped MAP_PRIVATE; else anonymous."""
+        if content == "full":
+            return f"memory-backend-file,id=mem,size={size}M,mem-path={self.prefill[size]},share=off"
+        return f"memory-backend-ram,id=mem,size={size}M"
+
     def make_templates(self, size: int, cmd: list[str], sock: str) -> tuple[str, str]:
         """Snapshot the fresh pystrato guest ``cmd`` starts (QMP on ``sock``) into
         DIR/tpl-SIZE-zero, derive DIR/tpl-SIZE-full (every page written) from it, and write
@@ -238,8 +262,27 @@ class BenchBase:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reporting
+# Command line and reporting
 # ---------------------------------------------------------------------------------------------
+
+CONTENTS = ("zero", "full")  # a fresh guest's mostly zero RAM; every page written
+
+
+def parse_args(doc: str, dir_help: str) -> argparse.Namespace:
+    """The benchmarks' options: --runs, --sizes (a list of MiB), --dir and --accel."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--sizes", default=[256, 1024], type=lambda v: [int(s) for s in v.split(",")],
+                    help="guest sizes in MiB")
+    ap.add_argument("--dir", default=None, help=dir_help)
+    ap.add_argument("--accel", default="test", help="pystrato's -accel (test or kvm)")
+    return ap.parse_args()
+
+
+def case_label(size: int, content: str) -> str:
+    sizes = {256: "256 MiB", 1024: "1 GiB"}
+    return f"{sizes.get(size, f'{size} MiB')} {'mostly zero' if content == 'zero' else 'fully written'}"
+
 
 
 def min_median(values: list[float]) -> tuple[float, float]:

@@ -23,7 +23,6 @@ mapped MAP_PRIVATE on both sides). QEMU's max-bandwidth is raised from its 128 M
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import sys
@@ -33,11 +32,13 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (  # noqa: E402
+    CONTENTS,
     BenchBase,
     Qmp,
+    case_label,
     finish,
+    parse_args,
     print_table,
-    pystrato_cmd,
     start,
     unlink,
     wait_migrate,
@@ -53,18 +54,10 @@ class Bench(BenchBase):
         self.full_tpl: dict[int, str] = {}
 
     def ours(self, size: int, name: str, *extra: str) -> tuple[list[str], str, str]:
-        sock = os.path.join(self.dir, f"{name}.sock")
+        """ours_cmd with a log file (-D DIR/NAME.log): (command, QMP socket, log)."""
         log = os.path.join(self.dir, f"{name}.log")
-        unlink(sock, log)
-        return [*pystrato_cmd(), "-accel", self.accel, "-machine", "microvm", "-m", str(size), *extra,
-                "-D", log, "-qmp", f"unix:{sock},server,nowait"], sock, log
-
-    def theirs(self, size: int, name: str, backend: str, *extra: str) -> tuple[list[str], str]:
-        sock = os.path.join(self.dir, f"{name}.sock")
-        unlink(sock)
-        return [self.qemu, "-M", "microvm,memory-backend=mem", "-object", backend,
-                "-accel", self.qaccel, "-m", str(size), "-nodefaults", "-display", "none",
-                *extra, "-qmp", f"unix:{sock},server=on,wait=off"], sock
+        unlink(log)
+        return (*self.ours_cmd(size, name, *extra, "-D", log), log)
 
     def prepare(self, size: int) -> None:
         cmd, sock, _ = self.ours(size, "prep")
@@ -103,13 +96,8 @@ class Bench(BenchBase):
     def run_qemu(self, size: int, content: str) -> tuple[float, float, float]:
         mig = os.path.join(self.dir, "q-mig.sock")
         unlink(mig)
-        if content == "full":
-            src_mem = f"memory-backend-file,id=mem,size={size}M,mem-path={self.prefill[size]},share=off"
-        else:
-            src_mem = f"memory-backend-ram,id=mem,size={size}M"
-        scmd, ssock = self.theirs(size, "qsrc", src_mem)
-        dcmd, dsock = self.theirs(size, "qdst", f"memory-backend-ram,id=mem,size={size}M",
-                                  "-incoming", f"unix:{mig}")
+        scmd, ssock = self.qemu_cmd(size, "qsrc", self.qemu_memory(size, content))
+        dcmd, dsock = self.qemu_cmd(size, "qdst", self.qemu_memory(size), "-incoming", f"unix:{mig}")
         ps, pd = start(scmd), start(dcmd)
         qs, qd = Qmp(ssock, ps), Qmp(dsock, pd)
         try:
@@ -129,16 +117,11 @@ class Bench(BenchBase):
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--sizes", default="256,1024", help="guest sizes in MiB")
-    ap.add_argument("--dir", default=None, help="scratch directory (default: new dir under /tmp)")
-    ap.add_argument("--accel", default="test", help="pystrato's -accel (test or kvm)")
-    a = ap.parse_args()
-    sizes = [int(s) for s in a.sizes.split(",")]
+    a = parse_args(__doc__, "scratch directory (default: new dir under /tmp)")
+    sizes = a.sizes
     workdir = tempfile.mkdtemp(prefix="pystrato-migbench-", dir=a.dir or "/tmp")
     b = Bench(workdir, a.accel)
-    cases = [(s, c) for s in sizes for c in ("zero", "full")]
+    cases = [(s, c) for s in sizes for c in CONTENTS]
     res = {k: {m: [] for m in ("pt", "pd", "pw", "qt", "qd", "qw")} for k in cases}
     try:
         for s in sizes:
@@ -156,9 +139,7 @@ def main() -> int:
             print(f"run {run + 1}/{a.runs} done", file=sys.stderr)
     finally:
         unlink(workdir)
-    label = {"zero": "mostly zero", "full": "fully written"}
-    size_s = {256: "256 MiB", 1024: "1 GiB"}
-    names = [(s, c, f"{size_s.get(s, f'{s} MiB')} {label[c]}") for s, c in cases]
+    names = [(s, c, case_label(s, c)) for s, c in cases]
     print(f"pystrato (-accel {a.accel}) vs {os.path.basename(b.qemu)} (-M microvm -accel {b.qaccel}), "
           "unix socket, idle guests")
     print_table("Live migration: total time (VMM-reported)", [(n, res[(s, c)]["pt"], res[(s, c)]["qt"]) for s, c, n in names], a.runs)

@@ -27,7 +27,6 @@ round is not measured; runs are interleaved so drift hits both alike.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -36,11 +35,13 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (  # noqa: E402
+    CONTENTS,
     BenchBase,
     Qmp,
+    case_label,
     finish,
+    parse_args,
     print_table,
-    pystrato_cmd,
     start,
     unlink,
     wait_migrate,
@@ -56,22 +57,16 @@ class Bench(BenchBase):
 
     # --- pystrato ------------------------------------------------------------------------------
 
-    def ours(self, size: int, *extra: str) -> tuple[list[str], str]:
-        sock = os.path.join(self.dir, "p.sock")
-        unlink(sock)
-        return [*pystrato_cmd(), "-accel", self.accel, "-machine", "microvm", "-m", str(size),
-                *extra, "-qmp", f"unix:{sock},server,nowait"], sock
-
     def prepare(self, size: int) -> None:
         """Template snapshots: a fresh guest's, and the same with every page written."""
-        cmd, sock = self.ours(size)
+        cmd, sock = self.ours_cmd(size, "p")
         _, full = self.make_templates(size, cmd, sock)
         self.templates[(size, "zero")] = None  # a fresh VM
         self.templates[(size, "full")] = full
 
     def ours_save(self, size: int, content: str) -> tuple[float, str]:
         tpl = self.templates[(size, content)]
-        cmd, sock = self.ours(size, *(["-incoming", f"file:{tpl}"] if tpl else []))
+        cmd, sock = self.ours_cmd(size, "p", *(["-incoming", f"file:{tpl}"] if tpl else []))
         out = os.path.join(self.dir, f"out-{size}-{content}")
         unlink(out)
         os.mkdir(out)
@@ -88,7 +83,7 @@ class Bench(BenchBase):
         return elapsed, out
 
     def ours_restore(self, size: int, content: str, snap: str) -> float:
-        cmd, sock = self.ours(size, "-incoming", f"file:{snap}")
+        cmd, sock = self.ours_cmd(size, "p", "-incoming", f"file:{snap}")
         t0 = time.perf_counter()
         p = start(cmd, env=self.env)
         q = Qmp(sock, p)
@@ -103,19 +98,8 @@ class Bench(BenchBase):
 
     # --- QEMU ----------------------------------------------------------------------------------
 
-    def theirs(self, size: int, backend: str, *extra: str) -> tuple[list[str], str]:
-        sock = os.path.join(self.dir, "q.sock")
-        unlink(sock)
-        return [self.qemu, "-M", "microvm,memory-backend=mem", "-object", backend,
-                "-accel", self.qaccel, "-m", str(size), "-nodefaults", "-display", "none",
-                *extra, "-qmp", f"unix:{sock},server=on,wait=off"], sock
-
     def qemu_save(self, size: int, content: str) -> tuple[float, str]:
-        if content == "full":
-            backend = f"memory-backend-file,id=mem,size={size}M,mem-path={self.prefill[size]},share=off"
-        else:
-            backend = f"memory-backend-ram,id=mem,size={size}M"
-        cmd, sock = self.theirs(size, backend, "-S")
+        cmd, sock = self.qemu_cmd(size, "q", self.qemu_memory(size, content), "-S")
         out = os.path.join(self.dir, f"qemu-{size}-{content}.mig")
         unlink(out)
         p = start(cmd)
@@ -129,8 +113,7 @@ class Bench(BenchBase):
         return elapsed, out
 
     def qemu_restore(self, size: int, path: str) -> float:
-        cmd, sock = self.theirs(size, f"memory-backend-ram,id=mem,size={size}M",
-                                "-incoming", f"exec:cat {path}")
+        cmd, sock = self.qemu_cmd(size, "q", self.qemu_memory(size), "-incoming", f"exec:cat {path}")
         t0 = time.perf_counter()
         p = start(cmd)
         q = Qmp(sock, p)
@@ -143,16 +126,11 @@ class Bench(BenchBase):
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--sizes", default="256,1024", help="guest sizes in MiB")
-    ap.add_argument("--dir", default=None, help="where both write their files (default: new dir under /tmp)")
-    ap.add_argument("--accel", default="test", help="pystrato's -accel (test or kvm)")
-    a = ap.parse_args()
-    sizes = [int(s) for s in a.sizes.split(",")]
+    a = parse_args(__doc__, "where both write their files (default: new dir under /tmp)")
+    sizes = a.sizes
     workdir = tempfile.mkdtemp(prefix="pystrato-snapbench-", dir=a.dir or "/tmp")
     b = Bench(workdir, a.accel)
-    cases = [(s, c) for s in sizes for c in ("zero", "full")]
+    cases = [(s, c) for s in sizes for c in CONTENTS]
     res = {k: {"ps": [], "pr": [], "qs": [], "qr": []} for k in cases}
     try:
         for s in sizes:
@@ -177,15 +155,13 @@ def main() -> int:
             print(f"run {run + 1}/{a.runs} done", file=sys.stderr)
     finally:
         unlink(workdir)
-    label = {"zero": "mostly zero", "full": "fully written"}
-    size_s = {256: "256 MiB", 1024: "1 GiB"}
     print(f"pystrato (-accel {a.accel}) vs {os.path.basename(b.qemu)} (-M microvm -accel {b.qaccel}); "
           f"files under {a.dir or '/tmp'}")
     print_table("Snapshot save (migrate to file)",
-                [(f"{size_s.get(s, f'{s} MiB')} {label[c]}", res[(s, c)]["ps"], res[(s, c)]["qs"]) for s, c in cases],
+                [(case_label(s, c), res[(s, c)]["ps"], res[(s, c)]["qs"]) for s, c in cases],
                 a.runs)
     print_table("Restore (exec to running)",
-                [(f"{size_s.get(s, f'{s} MiB')} {label[c]}", res[(s, c)]["pr"], res[(s, c)]["qr"]) for s, c in cases],
+                [(case_label(s, c), res[(s, c)]["pr"], res[(s, c)]["qr"]) for s, c in cases],
                 a.runs)
     return 0
 
