@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Linux boot milestones on pystrato and on QEMU, same host, same run, interleaved.
 
-Both VMMs boot the same ELF vmlinux, initramfs and command line from scripts/build-guest on KVM
+Both VMMs boot the same kernel (the ELF vmlinux, or --kernel bzImage), initramfs and command line from scripts/build-guest on KVM
 (microvm, 1 vCPU, 256 MiB) with a fresh copy of rootfs.ext4 on virtio-blk; the guest's /init
 mounts it, writes a random token, syncs and resets through the i8042, which ends both VMMs
 (pystrato: SHUTDOWN guest-reset and exit 0; QEMU: -no-reboot). The serial console goes to a
@@ -18,7 +18,8 @@ ports for a second of guest time).
 Runs take minutes each under kvm-pvm, so the default is one run of each (--runs N for more;
 the table then gives medians). Prints a Markdown table with pystrato/QEMU ratios.
 
-    .venv/bin/python bench/kvm_vs_qemu.py [--runs N] [--guest DIR] [--initrd NAME] [--timeout S]
+    .venv/bin/python bench/kvm_vs_qemu.py [--runs N] [--guest DIR] [--kernel vmlinux|bzImage]
+                                          [--initrd NAME] [--timeout S]
 """
 
 from __future__ import annotations
@@ -66,18 +67,20 @@ def append_line(guest: Path, token: str) -> str:
             + f" pystrato.script=mountwrite pystrato.token={token} pystrato.end=reboot")
 
 
-def pystrato_args(guest: Path, initrd: str, image: Path, serial: Path, work: Path, token: str) -> list[str]:
+def pystrato_args(guest: Path, initrd: str, image: Path, serial: Path, work: Path, token: str,
+                  kernel: str = "vmlinux") -> list[str]:
     exe = ROOT / ".venv/bin/python"
     return [str(exe) if exe.exists() else sys.executable, "-m", "application.cli",
             "-accel", "kvm", "-machine", "microvm", "-smp", "1", "-m", "256",
-            "-kernel", str(guest / "vmlinux"), "-initrd", str(guest / initrd),
+            "-kernel", str(guest / kernel), "-initrd", str(guest / initrd),
             "-append", append_line(guest, token),
             "-drive", f"file={image},id=rootfs,readonly=off,direct=off",
             "-device", "virtio-blk-device,drive=rootfs",
             "-serial", f"file:{serial}", "-qmp", f"unix:{work / 'qmp.sock'},server,nowait"]
 
 
-def qemu_args(guest: Path, initrd: str, image: Path, serial: Path, work: Path, token: str) -> list[str]:
+def qemu_args(guest: Path, initrd: str, image: Path, serial: Path, work: Path, token: str,
+              kernel: str = "vmlinux") -> list[str]:
     qemu = shutil.which("qemu-system-x86_64")
     if not qemu:
         sys.exit("qemu-system-x86_64 not found (apt-get install qemu-system-x86)")
@@ -86,14 +89,14 @@ def qemu_args(guest: Path, initrd: str, image: Path, serial: Path, work: Path, t
     # in a triple fault through int3, which kvm-pvm does not survive).
     return [qemu, "-M", "microvm,acpi=off,rtc=on", "-accel", "kvm", "-cpu", "host,-arch-capabilities",
             "-m", "256", "-smp", "1",
-            "-kernel", str(guest / "vmlinux"), "-initrd", str(guest / initrd),
+            "-kernel", str(guest / kernel), "-initrd", str(guest / initrd),
             "-append", append_line(guest, token),
             "-drive", f"id=d,file={image},format=raw,if=none", "-device", "virtio-blk-device,drive=d",
             "-device", "i8042", "-nodefaults", "-no-user-config", "-nographic",
             "-serial", f"file:{serial}", "-no-reboot"]
 
 
-def boot(vmm: str, guest: Path, initrd: str, timeout: float) -> dict[str, float]:
+def boot(vmm: str, guest: Path, initrd: str, timeout: float, kernel: str = "vmlinux") -> dict[str, float]:
     """One boot; returns seconds from exec to each milestone and to the VMM's exit."""
     with tempfile.TemporaryDirectory(prefix=f"kvq-{vmm}-") as tmp:
         work = Path(tmp)
@@ -102,7 +105,7 @@ def boot(vmm: str, guest: Path, initrd: str, timeout: float) -> dict[str, float]
         serial = work / "serial.log"
         token = secrets.token_hex(8)
         build = pystrato_args if vmm == "pystrato" else qemu_args
-        args = build(guest, initrd, image, serial, work, token)
+        args = build(guest, initrd, image, serial, work, token, kernel)
         times: dict[str, float] = {}
         text = ""
         with open(work / "stderr", "wb") as err:
@@ -159,15 +162,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=1, help="boots of each VMM (default 1: minutes each)")
     ap.add_argument("--guest", help="guest directory (default $PYSTRATO_GUEST_DIR or scripts/build-guest)")
+    ap.add_argument("--kernel", default="vmlinux", choices=("vmlinux", "bzImage"),
+                    help="kernel file in the guest directory (default vmlinux)")
     ap.add_argument("--initrd", default=INITRD, help=f"initramfs file in the guest directory (default {INITRD})")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per boot (default 1800)")
     a = ap.parse_args()
     guest = guest_dir(a.guest)
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         sys.exit("/dev/kvm is not usable: this benchmark compares the two VMMs on KVM")
-    print(f"guest: {guest} (kernel vmlinux, initrd {a.initrd})", flush=True)
+    print(f"guest: {guest} (kernel {a.kernel}, initrd {a.initrd})", flush=True)
     for vmm, build in (("pystrato", pystrato_args), ("qemu", qemu_args)):
-        cmd = build(guest, a.initrd, Path("COPY.ext4"), Path("SERIAL.log"), Path("WORK"), "TOKEN")
+        cmd = build(guest, a.initrd, Path("COPY.ext4"), Path("SERIAL.log"), Path("WORK"), "TOKEN", a.kernel)
         print(f"{vmm}: " + " ".join(f"'{x}'" if " " in x else x for x in cmd), flush=True)
     print(f"runs: {a.runs} of each VMM, interleaved (pystrato first on even runs)"
           f"{'' if a.runs > 1 else '; default 1 run each, as boots take minutes: use --runs N for medians'}",
@@ -176,7 +181,7 @@ def main() -> None:
     for i in range(a.runs):
         order = ("pystrato", "qemu") if i % 2 == 0 else ("qemu", "pystrato")
         for vmm in order:
-            t = boot(vmm, guest, a.initrd, a.timeout)
+            t = boot(vmm, guest, a.initrd, a.timeout, a.kernel)
             results[vmm].append(t)
             print(f"run {i + 1} {vmm}: " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()), flush=True)
     print()

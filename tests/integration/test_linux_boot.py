@@ -1,5 +1,5 @@
 """Linux end to end on KVM: the kernel built by scripts/build-guest boots on pystrato's microvm
-(ELF vmlinux, initramfs, one virtio-blk disk), its /init mounts the ext4 disk, writes the token
+(as an ELF vmlinux and as a bzImage; initramfs, one virtio-blk disk), its /init mounts the ext4 disk, writes the token
 from the command line, syncs, unmounts and reboots through the i8042; pystrato ends with
 SHUTDOWN {"guest": true, "reason": "guest-reset"} and exit code 0, and the host finds the token
 in the image, which e2fsck finds clean.
@@ -53,7 +53,10 @@ def _connect(sock: Path, proc: subprocess.Popen) -> RawQmp:
             time.sleep(0.05)
 
 
-def test_linux_mounts_the_disk_writes_the_token_and_resets(tmp_path, linux_guest):
+# Both kernel formats of the boot protocol: the ELF vmlinux (entered at its 64-bit e_entry) and
+# the bzImage (LZ4, entered at its decompressor's 64-bit entry, load address + 0x200).
+@pytest.mark.parametrize("kernel", ["vmlinux", "bzImage"])
+def test_linux_mounts_the_disk_writes_the_token_and_resets(tmp_path, linux_guest, kernel):
     image = tmp_path / "rootfs.ext4"
     shutil.copyfile(linux_guest / "rootfs.ext4", image)
     token = secrets.token_hex(8)
@@ -62,7 +65,7 @@ def test_linux_mounts_the_disk_writes_the_token_and_resets(tmp_path, linux_guest
     append = ((linux_guest / "cmdline").read_text().strip()
               + f" pystrato.script=mountwrite pystrato.token={token} pystrato.end=reboot")
     args = [sys.executable, "-m", "application.cli", "-accel", "kvm", "-machine", "microvm",
-            "-smp", "1", "-m", "256", "-kernel", str(linux_guest / "vmlinux"),
+            "-smp", "1", "-m", "256", "-kernel", str(linux_guest / kernel),
             "-initrd", str(linux_guest / "initramfs.cpio"), "-append", append,
             "-drive", f"file={image},id=rootfs,readonly=off,direct=off",
             "-device", "virtio-blk-device,drive=rootfs",
