@@ -31,6 +31,7 @@ GUESTS: dict[str, tuple[str, ...]] = {
     "smp": ("smp.c", "smp_tramp.S"),
     "virtio_blk": ("virtio.c", "virtio_blk.c"),
     "hostile": ("virtio.c", "hostile.c"),
+    "rtc": ("rtc.c",),
 }
 
 # The AP stacks and count are shared by smp.c and smp_tramp.S.

@@ -92,4 +92,15 @@ size_t strlen(const char *s);
 
 void idt_load(void);                       /* APs share the BSP's IDT */
 
+/* Device interrupts through the IOAPIC, one handler: the 8259s masked, the local APIC enabled,
+ * IOAPIC pin `pin` edge-triggered, active high, to this CPU at `vector` (32..255), whose entry
+ * saves the caller-saved registers, calls `fn` and sends the local APIC its EOI. Loads an IDT
+ * of its own with the exception entries and this vector (idt_load() would drop the vector). */
+void irq_route(u32 pin, u8 vector, void (*fn)(void));
+static inline void irq_disable(void) { __asm__ __volatile__("cli" ::: "memory"); }
+/* Sleep until an interrupt was handled, interrupts off again after. Call it with them off, once
+ * the condition waited for was seen false: sti holds them off for one more instruction, so one
+ * that is already pending wakes the hlt instead of being taken before it. */
+static inline void irq_sleep(void) { __asm__ __volatile__("sti; hlt; cli" ::: "memory"); }
+
 #endif
