@@ -1,11 +1,12 @@
 """Helpers for the snapshot/migration end-to-end tests: real `pystrato` processes, qemu.qmp
-sessions, a fake-guest "toucher" thread that dirties memory during a transfer, and a TCP proxy
-that cuts a migration stream after N bytes."""
+sessions and the waits on them, a fake-guest "toucher" thread that dirties memory during a
+transfer, and file digests. (The proxy that cuts a stream is tests/stream_proxy.py.)"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import socket
 import subprocess
@@ -119,6 +120,17 @@ async def wait_status(qmp: QMPClient, done=TERMINAL, timeout: float = 120.0,
         await asyncio.sleep(poll)
 
 
+async def wait_transferred(qmp: QMPClient, at_least: int, poll: float = 0.02) -> dict:
+    """query-migrate once an active migration has sent ``at_least`` bytes (it must still be
+    active then: one that ends first is an AssertionError)."""
+    info = await wait_status(qmp, done=("active",))
+    while info["status"] == "active" and info["ram"]["transferred"] < at_least:
+        await asyncio.sleep(poll)
+        info = await qmp.execute("query-migrate")
+    assert info["status"] == "active", info
+    return info
+
+
 async def until_source_exits(qmp: QMPClient, seen: list | None = None, poll: float = 0.05,
                              on_info=None) -> None:
     """Poll the source's query-migrate until it closes the connection (it exits after a
@@ -184,6 +196,15 @@ class Toucher(threading.Thread):
             self._client.close()
 
 
+async def still_writing(toucher: Toucher, touches: int = 3, poll: float = 0.02) -> None:
+    """Wait for ``touches`` more confirmed touches: the guest runs and writes (a toucher that
+    stops meanwhile is an AssertionError)."""
+    n = len(toucher.applied)
+    while len(toucher.applied) < n + touches:
+        assert toucher.is_alive(), toucher.refused
+        await asyncio.sleep(poll)
+
+
 def replay_digest(workdir: str, args: list[str], touches: list[tuple[int, int]],
                   name: str = "reference") -> str:
     """The memory digest a fresh VM with ``args`` has after the same touches in the same
@@ -199,56 +220,9 @@ def replay_digest(workdir: str, args: list[str], touches: list[tuple[int, int]],
         ref.kill()
 
 
-class CutProxy(threading.Thread):
-    """TCP proxy for one migration: forwards at most ``limit`` bytes from the source to the
-    destination, then cuts both connections (None: forward everything). Replies flow back
-    untouched. ``forwarded`` counts the source bytes that went through."""
-
-    def __init__(self, target: tuple[str, int], limit: int | None):
-        super().__init__(name="cut-proxy", daemon=True)
-        self.target, self.limit = target, limit
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.forwarded = 0
-        self.cut = False
-
-    @property
-    def uri(self) -> str:
-        return f"tcp:127.0.0.1:{self.port}"
-
-    def run(self) -> None:
-        src, _ = self.listener.accept()
-        self.listener.close()
-        dst = socket.create_connection(self.target)
-        back = threading.Thread(target=self._pump_back, args=(dst, src), daemon=True)
-        back.start()
-        try:
-            while self.limit is None or self.forwarded < self.limit:
-                want = 1 << 16 if self.limit is None else min(1 << 16, self.limit - self.forwarded)
-                data = src.recv(want)
-                if not data:
-                    break
-                dst.sendall(data)
-                self.forwarded += len(data)
-            else:
-                self.cut = True
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-            back.join(10)
-            src.close()
-            dst.close()
-
-    @staticmethod
-    def _pump_back(dst: socket.socket, src: socket.socket) -> None:
-        try:
-            while data := dst.recv(1 << 16):
-                src.sendall(data)
-        except OSError:
-            pass
+def sha256_file(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def free_port() -> int:

@@ -12,7 +12,6 @@ How "the destination has the source's memory at the moment it paused" is establi
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import random
 import re
@@ -26,17 +25,20 @@ import pytest
 from qemu.qmp import ExecuteError
 
 from tests.e2e.migration_kit import (
-    CutProxy,
     Toucher,
     Vmm,
     free_port,
     qmp_session,
     replay_digest,
-    until_source_exits,
     run_cli,
+    sha256_file,
+    still_writing,
+    until_source_exits,
     wait_exit,
     wait_status,
+    wait_transferred,
 )
+from tests.stream_proxy import StreamProxy
 
 MIB = 1 << 20
 MICROVM = ["-machine", "microvm", "-smp", "2", "-m", "256"]
@@ -70,14 +72,6 @@ def work():
     shutil.rmtree(d, ignore_errors=True)
 
 
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def copy_snapshot(src: str, dst: str) -> None:
     """Copy keeping the memory file's holes (a plain copy writes every zero page)."""
     subprocess.run(["cp", "-a", "--sparse=always", src, dst], check=True)
@@ -109,12 +103,44 @@ async def digest(qmp) -> str:
     return (await qmp.execute("x-query-memory-digest"))["sha256"]
 
 
+async def touch_all(qmp, touches) -> None:
+    """The fake guest writes (pages, seed) for each touch, in order."""
+    for pages, seed in touches:
+        await qmp.execute("x-guest-touch", {"pages": pages, "seed": seed})
+
+
+async def execute_until_event(qmp, command: str, event: str) -> dict:
+    """Run command and return its reply once the VM has sent ``event`` (stop: STOP, cont: RESUME)."""
+    with qmp.listener() as events:
+        reply = await qmp.execute(command)
+        assert (await asyncio.wait_for(events.get(), 5))["event"] == event
+    return reply
+
+
+def assert_runs_with(vmm: Vmm, want: str) -> None:
+    """vmm (restored or migrated into) is running, with memory digest ``want``."""
+    async def check():
+        async with qmp_session(vmm) as q:
+            assert await q.execute("query-status") == STATUS_RUNNING
+            assert await digest(q) == want
+
+    asyncio.run(check())
+
+
+def assert_incoming_refused(workdir: str, args: list[str], snap: str, why: str) -> None:
+    """-incoming from a snapshot, a unix and a TCP listener: each refused in one line naming why."""
+    for uri, verb in ((f"file:{snap}", "restore a snapshot into"),
+                      (f"unix:{workdir}/in.sock", "migrate into"), ("tcp:127.0.0.1:4447", "migrate into")):
+        r = run_cli(["-accel", "test", *args, "-incoming", uri])
+        assert r.returncode == 1
+        assert one_line(r.stderr) == f"pystrato: -incoming: cannot {verb} a VM with {why}"
+
+
 async def take_snapshot(vmm: Vmm, snap: str, touches: list[tuple[int, int]] = ()) -> str:
     """Touch, stop, snapshot into snap; returns the memory digest at that moment."""
     os.makedirs(snap, exist_ok=True)
     async with qmp_session(vmm) as q:
-        for pages, seed in touches:
-            await q.execute("x-guest-touch", {"pages": pages, "seed": seed})
+        await touch_all(q, touches)
         await q.execute("stop")
         assert await q.execute("migrate", {"uri": f"file:{snap}"}) == {}
         assert await wait_status(q) == {"status": "completed"}
@@ -143,9 +169,7 @@ def test_snapshot_then_restore(work, machine):
             assert await q.execute("query-migrate") == {"status": "none"}
             assert os.listdir(snap) == []
 
-            with q.listener() as events:
-                assert await q.execute("stop") == {}
-                assert (await asyncio.wait_for(events.get(), 5))["event"] == "STOP"
+            assert await execute_until_event(q, "stop", "STOP") == {}
             assert await q.execute("query-status") == STATUS_PAUSED
             with pytest.raises(ExecuteError, match="not running"):  # a paused guest writes nothing
                 await q.execute("x-guest-touch", {"pages": 1, "seed": 1})
@@ -179,13 +203,9 @@ def test_snapshot_then_restore(work, machine):
             assert cpus_shape(await q.execute("query-cpus")) == cpus_shape(want_cpus)
             assert (await q.execute("query-migrate"))["status"] == "completed"
             # The restored VM is an ordinary VM: it pauses, resumes, and its guest writes.
-            with q.listener() as events:
-                await q.execute("stop")
-                assert (await asyncio.wait_for(events.get(), 5))["event"] == "STOP"
+            await execute_until_event(q, "stop", "STOP")
             assert await q.execute("query-status") == STATUS_PAUSED
-            with q.listener() as events:
-                await q.execute("cont")
-                assert (await asyncio.wait_for(events.get(), 5))["event"] == "RESUME"
+            await execute_until_event(q, "cont", "RESUME")
             await q.execute("x-guest-touch", {"pages": 500, "seed": 8})
             assert await digest(q) != want_digest
             await q.execute("quit")
@@ -227,14 +247,7 @@ def test_restored_vm_snapshots_over_its_own_template(work):
         return second
 
     second = asyncio.run(resnapshot())
-    again = work("again", [*MICROVM, "-incoming", f"file:{snap}"])
-
-    async def check():
-        async with qmp_session(again) as q:
-            assert await q.execute("query-status") == STATUS_RUNNING
-            assert await digest(q) == second
-
-    asyncio.run(check())
+    assert_runs_with(work("again", [*MICROVM, "-incoming", f"file:{snap}"]), second)
 
 
 def test_five_vms_from_one_template_at_once(work):
@@ -335,8 +348,7 @@ def test_qmp_answers_while_a_large_snapshot_is_written(work, frozen):
 
     async def run():
         async with qmp_session(vm) as q:
-            for pages, seed in BIG_TOUCH:
-                await q.execute("x-guest-touch", {"pages": pages, "seed": seed})
+            await touch_all(q, BIG_TOUCH)
             await q.execute("stop")
             want = await digest(q)
             try:
@@ -376,14 +388,7 @@ def test_qmp_answers_while_a_large_snapshot_is_written(work, frozen):
     assert vm.wait() == 0
     assert sorted(os.listdir(snap)) == ["memory", "state"]
     assert re.search(r"snapshot written to .* \(\d+ MiB of data", vm.log()), vm.log()
-    restored = work("restored", [*BIG_MICROVM, "-incoming", f"file:{snap}"])
-
-    async def check():
-        async with qmp_session(restored) as q:
-            assert await q.execute("query-status") == STATUS_RUNNING
-            assert await digest(q) == want
-
-    asyncio.run(check())
+    assert_runs_with(work("restored", [*BIG_MICROVM, "-incoming", f"file:{snap}"]), want)
 
 
 def test_cancel_during_a_snapshot_keeps_the_vm_and_the_old_snapshot(work, frozen):
@@ -423,9 +428,7 @@ def test_cancel_during_a_snapshot_keeps_the_vm_and_the_old_snapshot(work, frozen
             r = await asyncio.to_thread(run_cli, ["-accel", "test", *BIG_MICROVM, "-incoming", f"file:{other}"])
             assert r.returncode == 1 and "No such file" in one_line(r.stderr)
             # The VM still works: it runs again, and a snapshot after the cancel succeeds.
-            with q.listener() as events:
-                assert await q.execute("cont") == {}
-                assert (await asyncio.wait_for(events.get(), 5))["event"] == "RESUME"
+            assert await execute_until_event(q, "cont", "RESUME") == {}
             await q.execute("stop")
             assert await q.execute("migrate", {"uri": f"file:{after}"}) == {}
             assert await wait_status(q) == {"status": "completed"}
@@ -506,8 +509,7 @@ def test_live_migration_with_a_guest_dirtying_memory(work, transport, machine):
             with pytest.raises(ExecuteError, match="Migration is not complete"):
                 await q.execute("cont")
         async with qmp_session(src) as q:
-            for pages, seed in pre:
-                await q.execute("x-guest-touch", {"pages": pages, "seed": seed})
+            await touch_all(q, pre)
 
     asyncio.run(prepare())
     toucher = Toucher(src, pages=2000)
@@ -582,15 +584,10 @@ def test_cancel_mid_transfer(work):
 
     async def cancel():
         async with qmp_session(src) as q:
-            for pages, seed in pre:
-                await q.execute("x-guest-touch", {"pages": pages, "seed": seed})
+            await touch_all(q, pre)
             toucher.start()
             assert await q.execute("migrate", {"uri": uri}) == {}
-            info = await wait_status(q, done=("active",))
-            while info["status"] == "active" and info["ram"]["transferred"] < 32 * MIB:
-                await asyncio.sleep(0.05)
-                info = await q.execute("query-migrate")
-            assert info["status"] == "active", info
+            info = await wait_transferred(q, 32 * MIB)
             assert {"total-time", "setup-time", "expected-downtime", "ram"} <= set(info)
             assert {"total", "transferred", "remaining", "duplicate", "normal", "mbps",
                     "dirty-pages-rate", "dirty-sync-count"} <= set(info["ram"])
@@ -601,10 +598,7 @@ def test_cancel_mid_transfer(work):
             assert info["status"] == "cancelled", info
             assert await q.execute("query-status") == STATUS_RUNNING
             assert len(await digest(q)) == 64
-            n = len(toucher.applied)
-            while len(toucher.applied) < n + 3:  # the guest still runs and writes
-                assert toucher.is_alive(), toucher.refused
-                await asyncio.sleep(0.02)
+            await still_writing(toucher)
 
     asyncio.run(cancel())
     assert dst.wait(30) == 0
@@ -635,32 +629,24 @@ def test_destination_killed_mid_transfer(work):
     src = work("src", BIG_MICROVM)
     dst = work("dst", [*BIG_MICROVM, "-incoming", uri])
 
+    pre = [(30000, 1), (30000, 2)]
     toucher = Toucher(src, pages=2000)  # keeps the transfer from converging before the kill
 
     async def run():
         async with qmp_session(src) as q:
-            for seed in (1, 2):
-                await q.execute("x-guest-touch", {"pages": 30000, "seed": seed})
+            await touch_all(q, pre)
             toucher.start()
             assert await q.execute("migrate", {"uri": uri}) == {}
-            info = await wait_status(q, done=("active",))
-            while info["status"] == "active" and info["ram"]["transferred"] < 16 * MIB:
-                await asyncio.sleep(0.02)
-                info = await q.execute("query-migrate")
-            assert info["status"] == "active", info
+            await wait_transferred(q, 16 * MIB)
             dst.kill()
             info = await wait_status(q)
             assert info["status"] == "failed", info
             assert "connection" in info["error-desc"], info
             assert await q.execute("query-status") == STATUS_RUNNING
-            n = len(toucher.applied)
-            while len(toucher.applied) < n + 3:  # the guest still runs and writes
-                assert toucher.is_alive(), toucher.refused
-                await asyncio.sleep(0.02)
+            await still_writing(toucher)
             toucher.stop()
             # Nothing was lost on the source: its memory is what the guest wrote there.
-            assert await digest(q) == replay_digest(work.dir, BIG_MICROVM,
-                                                    [(30000, 1), (30000, 2)] + toucher.applied)
+            assert await digest(q) == replay_digest(work.dir, BIG_MICROVM, pre + toucher.applied)
 
     asyncio.run(run())
     assert "the VM keeps running here" in src.log()
@@ -682,9 +668,7 @@ def test_paused_vm_migrates_and_stays_paused(work):
         async with qmp_session(dst) as q:
             assert await q.execute("query-status") == STATUS_PAUSED
             assert await digest(q) == want
-            with q.listener() as events:
-                await q.execute("cont")
-                assert (await asyncio.wait_for(events.get(), 5))["event"] == "RESUME"
+            await execute_until_event(q, "cont", "RESUME")
             assert await q.execute("query-status") == STATUS_RUNNING
             await q.execute("quit")
 
@@ -769,11 +753,7 @@ def test_exclusion_rules_refuse_snapshot_and_migration(work, case):
 
     asyncio.run(run())
     assert os.listdir(snap) == []
-    for uri, verb in ((f"file:{snap}", "restore a snapshot into"),
-                      (f"unix:{work.dir}/in.sock", "migrate into"), ("tcp:127.0.0.1:4447", "migrate into")):
-        r = run_cli(["-accel", "test", *args, "-incoming", uri])
-        assert r.returncode == 1
-        assert one_line(r.stderr) == f"pystrato: -incoming: cannot {verb} a VM with {why}"
+    assert_incoming_refused(work.dir, args, snap, why)
 
 
 # Configurations this host cannot run (no vhost-net, no VFIO device): -incoming refuses them
@@ -789,11 +769,7 @@ def test_exclusion_rules_refuse_incoming_vhost_and_vfio(work):
                               "-device", "vfio-pci,id=vf0,host=0000:1a:00.3,bus=pcie.0,addr=0x5"],
     }
     for why, args in cases.items():
-        for uri, verb in ((f"file:{snap}", "restore a snapshot into"),
-                          (f"unix:{work.dir}/in.sock", "migrate into"), ("tcp:127.0.0.1:4447", "migrate into")):
-            r = run_cli(["-accel", "test", *args, "-incoming", uri])
-            assert r.returncode == 1
-            assert one_line(r.stderr) == f"pystrato: -incoming: cannot {verb} a VM with {why}"
+        assert_incoming_refused(work.dir, args, snap, why)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -998,14 +974,7 @@ def test_pristine_copy_of_the_template_restores(work, pristine_snapshot):
     template, want = pristine_snapshot
     snap = os.path.join(work.dir, "snap")
     copy_snapshot(template, snap)
-    vm = work("vm", [*MICROVM, "-incoming", f"file:{snap}"])
-
-    async def run():
-        async with qmp_session(vm) as q:
-            assert await q.execute("query-status") == STATUS_RUNNING
-            assert await digest(q) == want
-
-    asyncio.run(run())
+    assert_runs_with(work("vm", [*MICROVM, "-incoming", f"file:{snap}"]), want)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1026,9 +995,8 @@ def test_stream_cut_at_random_points_fails_and_source_survives(work):
 
     async def probe():
         async with qmp_session(probe_src) as q:
-            for pages, seed in SMALL_TOUCH:
-                await q.execute("x-guest-touch", {"pages": pages, "seed": seed})
-            proxy = CutProxy(("127.0.0.1", port), None)
+            await touch_all(q, SMALL_TOUCH)
+            proxy = StreamProxy.tcp(("127.0.0.1", port))
             proxy.start()
             assert await q.execute("migrate", {"uri": proxy.uri}) == {}
             await until_source_exits(q)
@@ -1047,13 +1015,12 @@ def test_stream_cut_at_random_points_fails_and_source_survives(work):
 
     async def cut_all():
         async with qmp_session(src) as q:
-            for pages, seed in SMALL_TOUCH:
-                await q.execute("x-guest-touch", {"pages": pages, "seed": seed})
+            await touch_all(q, SMALL_TOUCH)
             before = await digest(q)
             for i, n in enumerate(cuts):
                 port = free_port()
                 dst = work(f"dst{i}", [*SMALL, "-incoming", f"tcp:127.0.0.1:{port}"])
-                proxy = CutProxy(("127.0.0.1", port), n)
+                proxy = StreamProxy.tcp(("127.0.0.1", port), limit=n)
                 proxy.start()
                 assert await q.execute("migrate", {"uri": proxy.uri}) == {}
                 info = await wait_status(q)

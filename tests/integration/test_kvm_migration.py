@@ -8,32 +8,14 @@ it had when it was paused; a guest that started over would do both.
 
 from __future__ import annotations
 
-import hashlib
-import struct
 import time
 
 import pytest
 
+from tests.e2e.migration_kit import sha256_file
+from tests.integration.counter_guest import ADDR, counter, moves_past, pause_and_resume, running_counter
+
 pytestmark = pytest.mark.kvm
-
-ADDR = 0x400000
-START_LINE = rf"^counter: running at {ADDR:x}$"
-
-
-def counter(v) -> int:
-    return struct.unpack("<Q", v.pmem(ADDR, 8))[0]
-
-
-def moves_past(v, since: int, timeout: float = 20.0) -> int:
-    """Poll the counter until it exceeds ``since`` (the guest runs); its value then."""
-    deadline = time.monotonic() + timeout
-    while True:
-        now = counter(v)
-        if now > since:
-            return now
-        if time.monotonic() > deadline:
-            raise AssertionError(f"the counter stayed at {now} (waiting to pass {since})")
-        time.sleep(0.02)
 
 
 def wait_migrate(v, done=("completed", "failed", "cancelled"), timeout: float = 120.0) -> dict:
@@ -62,21 +44,6 @@ def source_done(src, timeout: float = 120.0) -> None:
     assert src.wait_exit(30) == 0, src.stderr
 
 
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def running_counter(vm, guest, *extra, name: str):
-    v = vm(guest("counter"), f"addr={ADDR:#x}", *extra, name=name)
-    v.wait_line(START_LINE)
-    moves_past(v, moves_past(v, 0))
-    return v
-
-
 def test_snapshot_on_kvm_restores_and_the_counter_continues(vm, guest, tmp_path):
     snap = tmp_path / "snap"
     snap.mkdir()
@@ -93,7 +60,7 @@ def test_snapshot_on_kvm_restores_and_the_counter_continues(vm, guest, tmp_path)
 
     # The memory file is guest RAM at the pause (regions back to back): the restored VM maps
     # it, so this is its memory before its vCPUs ran.
-    assert file_sha256(str(snap / "memory")) == digest
+    assert sha256_file(str(snap / "memory")) == digest
 
     dst = vm(guest("counter"), f"addr={ADDR:#x}", "-incoming", f"file:{snap}", name="dst")
     status, _ = dst.command("query-status")
@@ -102,14 +69,7 @@ def test_snapshot_on_kvm_restores_and_the_counter_continues(vm, guest, tmp_path)
     assert first >= at_pause
     moves_past(dst, moves_past(dst, first))
     assert "counter: running" not in dst.output  # not started over
-    # The restored guest is an ordinary KVM guest: it pauses and resumes.
-    _, events = dst.command("stop")
-    dst.event("STOP", events)
-    a = counter(dst)
-    assert counter(dst) == a
-    _, events = dst.command("cont")
-    dst.event("RESUME", events)
-    moves_past(dst, a)
+    pause_and_resume(dst)  # the restored guest is an ordinary KVM guest
     dst.command("quit")
     assert dst.wait_exit() == 0
 
