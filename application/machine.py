@@ -233,10 +233,15 @@ class Platform:
             model = VirtioNet(self.memory, node.backend, devcfg.mac, rx_wakeup=lambda: self._watch_rx(box[0]))
             box.append(model)
         else:
+            if self.pci is None:
+                raise InvalidArgumentError("vfio-pci needs the q35 machine")
             if self.dm.vfio is None:
                 raise InvalidArgumentError("VFIO passthrough is not available on this host")
-            model = self.dm.vfio.open_device(devcfg.host)
-            self.pci_models[att.placement.device_id] = model
+            device = self.dm.vfio.open_device(devcfg.host)
+            bus, addr = self._pci_where(att, devcfg)
+            p = att.placement
+            model = self.pci.add_vfio(p.device_id, device, bus, addr, hotplugged=p.hotplugged)
+            self.pci_models[p.device_id] = model
             return model
         self._pci_add(att, model, devcfg)
         return model
@@ -271,10 +276,15 @@ class Platform:
                     raise InvalidArgumentError(f"pcie-root-port '{port_id}' needs an addr on pcie.0")
                 self.pci.add_root_port(port_id, number, addr)
 
-    def _pci_add(self, att, model, devcfg) -> None:
+    def _pci_where(self, att, devcfg) -> tuple[str, int | None]:
+        """(bus, addr) of a PCI function, its root ports created first."""
         self._pci_root_ports()
         p = att.placement
-        bus, addr = (p.bus, p.addr) if p.bus else (devcfg.bus or "pcie.0", devcfg.addr)
+        return (p.bus, p.addr) if p.bus else (devcfg.bus or "pcie.0", devcfg.addr)
+
+    def _pci_add(self, att, model, devcfg) -> None:
+        bus, addr = self._pci_where(att, devcfg)
+        p = att.placement
         self.pci.add_virtio(p.device_id, model, bus, addr, hotplugged=p.hotplugged)
         self.pci_models[p.device_id] = model
 

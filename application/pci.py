@@ -16,6 +16,7 @@ import logging
 import threading
 from typing import Any, Callable
 
+from application.pci_vfio import MemslotPool, VfioWiring
 from domain.devices.bus import Bus, BusConflictError
 from domain.devices.pci import layout
 from domain.devices.pci import virtio_pci as vp
@@ -30,6 +31,7 @@ from domain.devices.pci.host import (
     PciRoot,
 )
 from domain.devices.pci.root_port import PcieRootPort
+from domain.devices.pci.vfio_pci import VfioPciFunction
 from domain.devices.virtio.device import VirtioDevice
 from domain.errors import (
     DeviceNotActiveError,
@@ -37,7 +39,7 @@ from domain.errors import (
     HypervisorError,
     InvalidArgumentError,
 )
-from domain.ports import HvVm, IoPoller
+from domain.ports import HvVm, IoPoller, VfioDevice
 from domain.record import field, record
 
 log = logging.getLogger("pystrato.pci")
@@ -104,11 +106,22 @@ class Function:
                 log.warning("%s: ioeventfd at %#x: %s", self.device_id, base + rel, e)
 
 
+@record
+class Passthrough:
+    """A vfio-pci function: its wiring and where it sits. Not in snapshots: the migration and
+    snapshot rules refuse a VM with a VFIO device before any state is taken."""
+
+    wiring: VfioWiring
+    port: PcieRootPort | None
+    devfn: int
+
+
 class PciPlatform:
     def __init__(self, *, pio: Bus, mmio: Bus, hv_vm: HvVm, poller: IoPoller,
                  on_activate: Callable[[Any], object] | None = None,
                  defer: Callable[[Callable[[], None]], None] = _in_thread):
         self.mmio = mmio
+        self.pio = pio
         self.hv_vm = hv_vm
         self.poller = poller
         self._on_activate = on_activate
@@ -122,6 +135,8 @@ class PciPlatform:
         self.alloc = MmioAllocator(layout.PCI_MMIO_BASE, layout.PCI_MMIO_SIZE)
         self.ports: dict[str, PcieRootPort] = {}
         self.functions: dict[str, Function] = {}
+        self.passthrough: dict[str, Passthrough] = {}  # vfio-pci functions
+        self.memslots = MemslotPool()
         self.firmware_done = False
 
     def send_msi(self, address: int, data: int) -> None:
@@ -140,18 +155,29 @@ class PciPlatform:
             self.ports[port_id] = port
             return port
 
+    def _where(self, device_id: str, bus: str, devfn: int | None) -> tuple[PcieRootPort | None, int]:
+        """(root port or None for pcie.0, devfn) for a function the command line or QMP names."""
+        if bus != ROOT_BUS:
+            port = self.ports.get(bus)
+            if port is None:
+                raise DeviceNotFoundError(f"Bus '{bus}' not found")
+            return port, 0
+        return None, self._free_root_slot(device_id) if devfn is None else devfn
+
+    def _attach(self, device_id: str, dev: PciDevice, port: PcieRootPort | None, devfn: int,
+                hotplugged: bool) -> None:
+        if port is None:
+            self.root.bus.attach(devfn, dev)
+        else:
+            if self.firmware_done:
+                place_in_window(port, dev)
+            port.plug(dev, device_id, hot=self.firmware_done or hotplugged)
+
     def add_virtio(self, device_id: str, model: VirtioDevice, bus: str, devfn: int | None, *,
                    hotplugged: bool) -> vp.VirtioPciTransport:
         """Put a virtio device on ``bus`` (pcie.0 at ``devfn``, or alone in a root port)."""
         with self._lock:
-            port = None
-            if bus != ROOT_BUS:
-                port = self.ports.get(bus)
-                if port is None:
-                    raise DeviceNotFoundError(f"Bus '{bus}' not found")
-                devfn = 0
-            elif devfn is None:
-                devfn = self._free_root_slot(device_id)
+            port, devfn = self._where(device_id, bus, devfn)
             transport = vp.VirtioPciTransport(model, self.send_msi, name=device_id,
                                               on_activate=self._on_activate)
             fn = Function(device_id, transport, port, devfn, self)
@@ -161,12 +187,7 @@ class PciPlatform:
                 fn.notify_fds.append(fd)
             transport.on_bar_moved = fn.bar_moved
             try:
-                if port is None:
-                    self.root.bus.attach(devfn, transport)
-                else:
-                    if self.firmware_done:
-                        place_in_window(port, transport)
-                    port.plug(transport, device_id, hot=self.firmware_done or hotplugged)
+                self._attach(device_id, transport, port, devfn, hotplugged)
             except Exception:
                 self._close_fds(fn)
                 raise
@@ -174,6 +195,25 @@ class PciPlatform:
                 self._place_on_root_bus(transport)
             self.functions[device_id] = fn
             return transport
+
+    def add_vfio(self, device_id: str, device: VfioDevice, bus: str, devfn: int | None, *,
+                 hotplugged: bool) -> VfioPciFunction:
+        """Put a host function opened through VFIO on ``bus``, as add_virtio does a virtio one.
+        On failure the device is closed (given back to the host)."""
+        with self._lock:
+            try:
+                port, devfn = self._where(device_id, bus, devfn)
+                fn = VfioPciFunction(device, name=device_id)
+                wiring = VfioWiring(device_id, fn, mmio=self.mmio, pio=self.pio, hv_vm=self.hv_vm,
+                                    poller=self.poller, slots=self.memslots, send_msi=self.send_msi)
+                self._attach(device_id, fn, port, devfn, hotplugged)
+            except Exception:
+                device.close()
+                raise
+            if port is None and self.firmware_done:
+                self._place_on_root_bus(fn)
+            self.passthrough[device_id] = Passthrough(wiring, port, devfn)
+            return fn
 
     def _free_root_slot(self, device_id: str) -> int:
         """A device given without addr (QEMU picks one too): the highest free slot, out of the
@@ -196,7 +236,7 @@ class PciPlatform:
                 self.firmware_done = True
 
     def has(self, device_id: str) -> bool:
-        return device_id in self.functions
+        return device_id in self.functions or device_id in self.passthrough
 
     def model(self, device_id: str) -> VirtioDevice:
         return self.functions[device_id].transport.device
@@ -206,12 +246,14 @@ class PciPlatform:
         drop its BAR mappings, ioeventfds and guest memory views."""
         with self._lock:
             fn = self.functions.pop(device_id, None)
+            passthrough = self.passthrough.pop(device_id, None)
+        if passthrough is not None:
+            self._detach(passthrough.port, passthrough.devfn)
+            passthrough.wiring.close()
+            return None
         if fn is None:
             return None
-        if fn.port is not None:
-            fn.port.eject()
-        else:
-            self.root.bus.detach(fn.devfn)
+        self._detach(fn.port, fn.devfn)
         fn.transport.release()
         self._close_fds(fn)
         return fn.transport.device
@@ -224,8 +266,14 @@ class PciPlatform:
 
     # --- GuestAgent: hot-unplug through the guest's pciehp ---------------------------------------------
 
+    def _detach(self, port: PcieRootPort | None, devfn: int) -> None:
+        if port is not None:
+            port.eject()
+        else:
+            self.root.bus.detach(devfn)
+
     def request_unplug(self, device_id: str, done: Callable[[], None]) -> None:
-        fn = self.functions.get(device_id)
+        fn = self.functions.get(device_id) or self.passthrough.get(device_id)
         if fn is None or fn.port is None:
             raise DeviceNotActiveError(f"device '{device_id}' is not in a root port")
         fn.port.request_unplug(device_id, done)
