@@ -85,8 +85,10 @@ YEAR, MONTH, DAY, HOUR, MINUTE, SECOND = range(6)
 TIMING_REGS = frozenset((*TIME_REGS, REG_SECONDS_ALARM, REG_MINUTES_ALARM, REG_HOURS_ALARM, REG_A, REG_B))
 
 BASE_HZ = 32768
-DIVIDER_CYCLE = 0.5  # seconds: the longest period (rate 15), a multiple of every other one
 SECONDS_PER_DAY = 86400
+# A timer is set this far past the tick or second it waits for: the deadline is converted from
+# the host clock (where ticks and seconds fall) to the monotonic one, read a moment apart.
+DEADLINE_MARGIN = 100e-6
 
 # The fastest the timer runs, whatever rate the guest picks (up to 8192 Hz): 1024 Hz, register
 # A's default rate. Each expiry is a Python callback, an irqfd write and a guest interrupt whose
@@ -97,14 +99,15 @@ SECONDS_PER_DAY = 86400
 MAX_TIMER_HZ = 1024
 MIN_TIMER_INTERVAL = 1.0 / MAX_TIMER_HZ
 
-STATE_VERSION = 2  # 2 added the interrupt flags and the divider phase
+STATE_VERSION = 2  # 2 added register C and how far its flags were accounted
 STATE_VERSIONS = (1, 2)
 
 
 def periodic_period(rate: int) -> float | None:
     """Seconds between periodic ticks for register A's rate select, None when off. Rates 3-15
     give 65536 >> rate Hz (8192 Hz .. 2 Hz); 1 and 2 alias rates 8 and 9 (256 and 128 Hz) on a
-    32.768 kHz time base."""
+    32.768 kHz time base. Every period divides a second: the ticks and the seconds come from
+    one divider chain, so ticks fall at whole multiples of the period on the clock."""
     rate &= A_RS_MASK
     if rate == 0:
         return None
@@ -160,12 +163,12 @@ class CmosRtc:
         self._offset = 0  # whole seconds added to the host clock
         self._frozen: list[int] | None = None  # broken-down time while the clock is halted
         # Interrupt state. Register C as latched so far; the flags owed since are worked out
-        # from how far each source was accounted: periodic ticks up to the monotonic time
-        # _pf_upto (ticks fall at _phase0 + k * period), updates up to guest second _uf_upto.
+        # from how far each source was accounted: periodic ticks up to host time _pf_upto
+        # (ticks fall at multiples of the period: the offset is whole seconds), updates up to
+        # guest second _uf_upto. Both move only when the flags are looked at, so a saved state
+        # is the same however long after it is taken (migration compares two collections).
         self._c = 0
-        mono = monotonic()
-        self._phase0 = mono
-        self._pf_upto = mono
+        self._pf_upto = now()
         self._uf_upto = self._seconds()
         self._armed: tuple[float, object] | None = None  # (deadline, timer handle)
         self._generation = 0  # the armed timer's; an older callback that still runs is stale
@@ -259,11 +262,6 @@ class CmosRtc:
     def _period(self) -> float | None:
         return periodic_period(self._ram[REG_A]) if self._dividers_run() else None
 
-    def _tick(self, mono: float, period: float) -> int:
-        """The number of the last periodic tick at or before ``mono``. The slack keeps a timer
-        that expires exactly on a tick from counting it as the one before (float rounding)."""
-        return math.floor((mono - self._phase0) / period + 1e-6)
-
     def _alarm_field(self, reg: int, limit: int) -> int | None:
         """The alarm register's value, None for "any", -1 when it can never match."""
         v = self._ram[reg]
@@ -283,13 +281,14 @@ class CmosRtc:
                  self._alarm_field(REG_SECONDS_ALARM, 60))
         return None if -1 in alarm else alarm
 
-    def _catch_up(self, mono: float) -> bool:
+    def _catch_up(self) -> bool:
         """Latch the flags owed up to now; True when IRQF rose (an edge is due)."""
+        wall = self._now()
         period = self._period()
-        if period is not None and self._tick(mono, period) > self._tick(self._pf_upto, period):
+        if period is not None and wall // period > self._pf_upto // period:
             self._c |= C_PF
-        self._pf_upto = max(mono, self._pf_upto)
-        sec = self._seconds()
+        self._pf_upto = max(wall, self._pf_upto)
+        sec = int(wall) + self._offset
         if self._updating() and sec > self._uf_upto:
             self._c |= C_UF
             alarm = self._alarm()
@@ -316,22 +315,23 @@ class CmosRtc:
         if self._c & C_IRQF:
             return None  # the edge is out; nothing more until the guest reads C
         b = self._ram[REG_B]
-        deadline = math.inf
+        wall = self._now()
+        wait = math.inf  # host-clock seconds to the next event
         period = self._period()
         if b & B_PIE and period is not None:
-            deadline = self._phase0 + (self._tick(max(mono, self._pf_upto), period) + 1) * period
+            wait = (max(wall, self._pf_upto) // period + 1) * period - wall
         if b & (B_UIE | B_AIE) and self._updating():
-            wall = self._now()
-            next_second = mono + (math.floor(wall) + 1 - wall)
+            next_second = math.floor(wall) + 1 - wall
             if b & B_UIE:
-                deadline = min(deadline, next_second)
+                wait = min(wait, next_second)
             else:
                 alarm = self._alarm()
                 if alarm is not None:
-                    deadline = min(deadline, next_second + next_alarm(self._seconds() % SECONDS_PER_DAY, alarm) - 1)
-        if deadline == math.inf:
+                    tod = (int(wall) + self._offset) % SECONDS_PER_DAY
+                    wait = min(wait, next_second + next_alarm(tod, alarm) - 1)
+        if wait == math.inf:
             return None
-        return max(deadline, self._last_fire + MIN_TIMER_INTERVAL)
+        return max(mono + wait + DEADLINE_MARGIN, self._last_fire + MIN_TIMER_INTERVAL)
 
     def _rearm(self, mono: float) -> None:
         if self._timer is None:
@@ -355,7 +355,7 @@ class CmosRtc:
             self._armed = None
             mono = self._mono()
             self._last_fire = mono
-            if self._catch_up(mono):
+            if self._catch_up():
                 self._raise()
             self._rearm(mono)
 
@@ -395,10 +395,9 @@ class CmosRtc:
         return self._ram[reg]
 
     def _read_c(self) -> int:
-        mono = self._mono()
-        self._catch_up(mono)  # an edge found only now is not raised: the guest sees the flags
+        self._catch_up()  # an edge found only now is not raised: the guest sees the flags
         value, self._c = self._c, 0
-        self._rearm(mono)
+        self._rearm(self._mono())
         return value
 
     def _write_reg(self, reg: int, value: int) -> None:
@@ -407,10 +406,8 @@ class CmosRtc:
         if reg not in TIMING_REGS:
             self._ram[reg] = value
             return
-        mono = self._mono()
-        self._catch_up(mono)  # what the old settings owe
+        self._catch_up()  # what the old settings owe
         halted = not self._updating()
-        dividers_ran = self._dividers_run()
         if reg in TIME_REGS:
             self._write_time(reg, value)
         elif reg == REG_A:
@@ -418,13 +415,11 @@ class CmosRtc:
         else:  # register B or an alarm register
             self._ram[reg] = value
         self._halt_or_resume(halted)
-        if self._dividers_run() and not dividers_ran:
-            self._phase0 = mono  # the divider chain leaves reset: ticks count from here
-        self._pf_upto = mono
+        self._pf_upto = self._now()  # new settings count from here
         self._uf_upto = self._seconds()  # a new time or a resumed clock is no update
         if self._update_irqf():
             self._raise()
-        self._rearm(mono)
+        self._rearm(self._mono())
 
     def _halt_or_resume(self, was_halted: bool) -> None:
         """Freeze the broken-down time when updates stop (SET, or dividers not running) and run
@@ -441,24 +436,20 @@ class CmosRtc:
     def save_state(self) -> dict:
         """The registers and RAM, and the guest's time as an offset from the host clock (a
         restored guest keeps the offset it set, not the source host's absolute time). Version 2
-        adds register C and what the flag sources had not accounted yet, relative to now: the
-        divider phase (so periodic ticks keep their spacing), the periodic time and the update
-        seconds since last accounted (bounded: more than one period or a day changes nothing)."""
+        adds register C and how far its flags were accounted, on the host clock (periodic
+        ticks, in ns) and the guest's (update seconds): ticks and updates since then latch
+        their flags at the destination."""
         with self.lock:
-            mono = self._mono()
             return {"index": self._index, "ram": list(self._ram), "offset": self._offset,
                     "frozen": list(self._frozen) if self._frozen is not None else [],
-                    "c": self._c,
-                    "phase_ns": int((mono - self._phase0) % DIVIDER_CYCLE * 1e9),
-                    "periodic_lag_ns": int(min(max(mono - self._pf_upto, 0.0), 1.0) * 1e9),
-                    "update_lag": min(max(self._seconds() - self._uf_upto, 0), SECONDS_PER_DAY)}
+                    "c": self._c, "periodic_upto_ns": int(self._pf_upto * 1e9), "update_upto": self._uf_upto}
 
     def restore_state(self, state: dict, version: int = STATE_VERSION) -> None:
         if version not in STATE_VERSIONS:
             raise SnapshotFormatError(f"rtc state version {version} is not one of {STATE_VERSIONS}")
         schema = {"index": int, "ram": list, "offset": int, "frozen": list}
         if version >= 2:
-            schema |= {"c": int, "phase_ns": int, "periodic_lag_ns": int, "update_lag": int}
+            schema |= {"c": int, "periodic_upto_ns": int, "update_upto": int}
         check_state(state, schema)
         ram, frozen = state["ram"], state["frozen"]
         if len(ram) != NREGS or not all(isinstance(v, int) and 0 <= v <= 0xFF for v in ram):
@@ -466,14 +457,11 @@ class CmosRtc:
         if frozen and (len(frozen) != 6 or not all(isinstance(v, int) for v in frozen)):
             raise SnapshotFormatError("rtc frozen time is malformed")
         index = check_range("index", state["index"], 0, INDEX_MASK)
-        c, phase, pf_lag, uf_lag = 0, 0, 0, 0
+        c = 0
         if version >= 2:
             c = check_range("c", state["c"], 0, 0xFF)
             if c & ~(C_IRQF | C_FLAGS):
                 raise SnapshotFormatError("rtc register C has bits that do not exist")
-            phase = check_range("phase_ns", state["phase_ns"], 0, int(DIVIDER_CYCLE * 1e9))
-            pf_lag = check_range("periodic_lag_ns", state["periodic_lag_ns"], 0, 10**9)
-            uf_lag = check_range("update_lag", state["update_lag"], 0, SECONDS_PER_DAY)
         with self.lock:
             self._index = index
             self._ram = bytearray(ram)
@@ -481,11 +469,14 @@ class CmosRtc:
             self._frozen = list(frozen) if frozen else None
             if self._frozen is None and not self._updating():
                 self._frozen = list(time.gmtime(self._seconds())[:6])
-            mono = self._mono()
             self._c = c
-            self._phase0 = mono - phase / 1e9
-            self._pf_upto = mono - pf_lag / 1e9
-            self._uf_upto = self._seconds() - uf_lag
+            wall, sec = self._now(), self._seconds()
+            self._pf_upto, self._uf_upto = wall, sec
+            if version >= 2:
+                # What went by since (the copy, or a snapshot's shelf life) latches its flags,
+                # up to the most that can matter: one tick, one day of alarm times.
+                self._pf_upto = min(max(state["periodic_upto_ns"] / 1e9, wall - 1.0), wall)
+                self._uf_upto = min(max(state["update_upto"], sec - SECONDS_PER_DAY), sec)
             self._last_fire = -math.inf
             # IRQF set: its edge may have left after the source's irqchip was saved (the I/O
             # thread runs while the VM is paused) and be lost, leaving IRQ 8 silent for good
@@ -493,4 +484,4 @@ class CmosRtc:
             # handler runs once more and reads C = 0, as on a shared line.
             if self._c & C_IRQF:
                 self._raise()
-            self._rearm(mono)
+            self._rearm(self._mono())

@@ -47,3 +47,22 @@ def test_8192_hz_is_coalesced_and_2_hz_is_counted(vm, guest):
     assert 0 < fast["pf"] <= MAX_TIMER_HZ + 1 and fast["spurious"] == 0
     slow = _run(vm, guest, "seconds=1 rate=15")["pie"]
     assert 2 <= slow["pf"] <= 3 and slow["spurious"] == 0
+
+
+def test_update_interrupts_continue_after_live_migration(vm, guest, tmp_path):
+    from tests.integration.test_kvm_migration import source_done, wait_migrate
+
+    uri = f"unix:{tmp_path}/migrate.sock"
+    src = vm(guest("rtc"), "ticks", name="src")
+    src.wait_line(r"^rtc: tick 2 ")
+    dst = vm(guest("rtc"), "ticks", "-incoming", uri, name="dst")
+    assert dst.command("query-status")[0]["status"] == "inmigrate"
+    assert src.command("migrate", {"uri": uri})[0] == {}
+    source_done(src)
+    assert wait_migrate(dst) == {"status": "completed"}, dst.stderr
+    # The guest goes on counting where it was: its interrupts come from the destination's RTC.
+    first = int(dst.wait_line(r"^rtc: tick (\d+) ")[0].group(1))
+    assert first > 2 and "rtc: start" not in dst.output
+    dst.wait_line(rf"^rtc: tick {first + 2} ")
+    dst.command("quit")
+    assert dst.wait_exit() == 0

@@ -3,8 +3,8 @@
  * then the periodic interrupt (PIE) at `rate` (register A's rate select, default 6 = 1024 Hz)
  * for one RTC second. The handler reads register C (which clears it) and counts its flags;
  * each phase prints its counts and the RTC seconds it took, then C is read twice to show it
- * clears. The clock runs in binary, 24-hour mode; every CMOS access is made with interrupts off
- * (the handler uses the index port too). */
+ * clears. `ticks`: only UIE, a line per interrupt, for ever. The clock runs in binary, 24-hour
+ * mode; every CMOS access is made with interrupts off (the handler uses the index port too). */
 #include "lib.h"
 
 #define CMOS_INDEX 0x70
@@ -140,6 +140,18 @@ static void phase_pie(u8 rate)
     print("rtc: pie rate=%u irqs=%u pf=%u spurious=%u\n", rate, got_irqs, got_pf, got_spurious);
 }
 
+/* `ticks`: UIE for ever, a line per update-ended interrupt (a migration test's heartbeat). */
+static void ticks(void)
+{
+    irq_disable();
+    enable(B_UIE);
+    for (u32 seen = 0;; seen++) {
+        while (uf == seen)
+            irq_sleep();
+        print("rtc: tick %u tod=%u\n", seen + 1, rtc_tod());
+    }
+}
+
 int main(void)
 {
     u32 seconds = (u32)arg_u64("seconds", 3);
@@ -148,6 +160,8 @@ int main(void)
     cmos_write(REG_B, B_BINARY_24H);
     irq_route(RTC_IRQ, RTC_VECTOR, rtc_irq);
     print("rtc: start\n");
+    if (arg_flag("ticks"))
+        ticks();
     phase_uie(seconds);
     phase_aie();
     phase_pie(rate);
