@@ -18,9 +18,9 @@ returns and clears it all. The time only runs with register A's divider bits at 
 kHz base; 11x holds the divider chain in reset, as Linux does while setting the clock) and
 updates, so UF and AF, stop while register B's SET is on.
 
-The flags are worked out when they are looked at (reading C, or a change to A or B), so nothing
-runs while the guest only polls; a timer (``timer``, domain.ports.Timers) is armed only while an
-enabled flag is clear and IRQF is clear, i.e. only when an interrupt could be raised.
+The flags are worked out when they are looked at (reading C, or writing a time, alarm, A or B
+register), so nothing runs while the guest only polls; a timer (``timer``, domain.ports.Timers)
+is armed only while a source is enabled and IRQF is clear, i.e. when an interrupt could follow.
 """
 
 from __future__ import annotations
@@ -91,9 +91,11 @@ SECONDS_PER_DAY = 86400
 DEADLINE_MARGIN = 100e-6
 
 # The fastest the timer runs, whatever rate the guest picks (up to 8192 Hz): 1024 Hz, register
-# A's default rate. Each expiry is a Python callback, an irqfd write and a guest interrupt whose
-# handler reads C (two port exits), all through the one I/O thread every virtio device shares:
-# some 50-100 us here, so 8192 Hz would take most of a CPU of this 2-CPU host, 1024 Hz a few %.
+# A's default rate. Each expiry is a Python callback and an irqfd write in the one I/O thread
+# every virtio device shares, then a guest interrupt whose handler reads C (two port exits into
+# Python on a vCPU thread). On the nested-KVM test host a guest asking 1024 Hz gets ~450 a
+# second already (tests/guests rtc): faster would only buy more missed deadlines and starve
+# the virtio queues, while Linux's rtc-cmos users (hwclock, alarms) need 1 Hz.
 # Ticks due together coalesce into one PF and one interrupt (PF is a flag, not a counter), and a
 # late expiry schedules the next tick after now, never a burst to catch up.
 MAX_TIMER_HZ = 1024
