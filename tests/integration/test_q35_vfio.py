@@ -93,6 +93,13 @@ def bar_base(c, index) -> int:
     return c.read(1, 0, regs.BAR0 + 4 * index) & ~0xF
 
 
+def plug_decoding(vm) -> tuple[Guest, MappableVfioDevice, int]:
+    """plug(), then the driver turns memory decoding on; returns BAR0's address too."""
+    guest, dev = plug(vm)
+    guest.c.write(1, 0, regs.COMMAND, 2, regs.COMMAND_MEMORY)
+    return guest, dev, bar_base(guest.c, 0)
+
+
 def test_the_host_function_appears_in_the_root_port_with_its_bars_in_the_window(vfio_vm):
     guest, dev = plug(vfio_vm)
     c = guest.c
@@ -128,10 +135,8 @@ def test_bars_trap_and_the_mappable_part_is_a_memory_slot_over_the_device(vfio_v
 
 def test_msix_vectors_reach_the_guest_through_eventfds(vfio_vm):
     vm = vfio_vm
-    guest, dev = plug(vm)
+    guest, dev, bar0 = plug_decoding(vm)
     c = guest.c
-    bar0 = bar_base(c, 0)
-    c.write(1, 0, regs.COMMAND, 2, regs.COMMAND_MEMORY)
     entry = bar0 + 0x2000 + regs.MSIX_ENTRY_SIZE  # vector 1
     vm.bus.mmio_write(entry, 4, LAPIC)
     vm.bus.mmio_write(entry + 8, 4, 0x61)
@@ -153,10 +158,8 @@ def test_msix_vectors_reach_the_guest_through_eventfds(vfio_vm):
 
 def test_device_del_goes_through_pciehp_and_gives_the_device_back(vfio_vm):
     vm = vfio_vm
-    guest, dev = plug(vm)
+    guest, dev, bar0 = plug_decoding(vm)
     c = guest.c
-    bar0 = bar_base(c, 0)
-    c.write(1, 0, regs.COMMAND, 2, regs.COMMAND_MEMORY)
     assert vm.hv.read(bar0, 1) == 0
     assert vm.dm.device_del("vfio-0") is False  # the guest must acknowledge
     guest.clear()
