@@ -14,8 +14,8 @@ def test_setup_linux_boot_with_bzimage_and_initrd():
     mem = GuestMemory([(0, bytearray(64 * MiB))])
     img, pm = make_bzimage()
     regs, sregs = setup_linux_boot(mem, img, b"\x1f\x8b" + bytes(5000), "console=ttyS0", 2)
-    assert regs.rip == 0x100200 and regs.rsi == layout.ZERO_PAGE_START
-    assert sregs.cr3 == layout.PML4_START
+    assert regs.rip == 0x100000 and regs.rsi == layout.ZERO_PAGE_START  # the 32-bit entry by default
+    assert not sregs.cr0 & 0x80000000
     bp = mem.read(layout.ZERO_PAGE_START, 4096)
     rd_addr, rd_size = struct.unpack_from("<II", bp, 0x218)
     assert rd_size == 5002 and mem.read(rd_addr, 2) == b"\x1f\x8b"
@@ -35,6 +35,14 @@ def test_tiny_ram_is_refused():
     mem = GuestMemory([(0, bytearray(0x80000))])
     with pytest.raises(BootError, match="first MiB"):
         setup_linux_boot(mem, b"", None, "", 1)
+
+
+def test_bzimage_64bit_entry_on_request():
+    mem = GuestMemory([(0, bytearray(64 * MiB))])
+    img, _ = make_bzimage()
+    regs, sregs = setup_linux_boot(mem, img, None, "", 1, bzimage_entry="64")
+    assert regs.rip == 0x100200 and regs.rsi == layout.ZERO_PAGE_START
+    assert sregs.cr3 == layout.PML4_START and sregs.cr0 & 0x80000000
 
 
 def test_bzimage_32bit_protocol_entry():
