@@ -183,3 +183,24 @@ def test_a_device_that_cannot_be_placed_is_closed_again(vfio_vm):
                                 hotplugged=True)
     assert all(d.closed for d in vm.opener.opened)
     assert "vfio-0" not in vm.dm.attached
+
+
+def test_a_bar_the_guest_puts_over_another_device_or_ram_is_refused_quietly(vfio_vm):
+    """A hostile or confused guest: BAR0 moved onto the virtio-blk function's BAR, then onto
+    guest RAM. Neither mapping happens, nothing crashes, the other device keeps its BAR, and a
+    sane placement afterwards works again."""
+    vm = vfio_vm
+    guest, dev, bar0 = plug_decoding(vm)
+    c = guest.c
+    blk_bar = c.read(0, 3 << 3, regs.BAR0) & ~0xF
+    c.write(1, 0, regs.BAR0, 4, blk_bar)
+    hit = vm.dm.mmio.find(blk_bar)
+    assert hit is not None and hit[0].device.device is not vm.dm.platform.pci_models["vfio-0"]
+    c.write(1, 0, regs.BAR0, 4, 0x10_0000)  # over guest RAM: no slot may shadow it
+    assert vm.hv.read(0x10_0000, 4) is not None  # still RAM
+    ram_before = vm.hv.read(0x10_0100, 4)
+    dev.bars[0][0x100:0x104] = b"\xde\xad\xbe\xef"
+    assert vm.hv.read(0x10_0100, 4) == ram_before
+    c.write(1, 0, regs.BAR0, 4, bar0)  # back where it belongs
+    dev.bars[0][0x100:0x104] = b"\x01\x02\x03\x04"
+    assert vm.hv.read(bar0 + 0x100, 4) == 0x0403_0201
