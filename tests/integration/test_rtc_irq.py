@@ -31,10 +31,12 @@ def test_update_alarm_and_periodic_interrupts_arrive_and_c_clears(vm, guest):
     uie, aie, pie, c = out["uie"], out["aie"], out["pie"], out["c"]
     # One update-ended interrupt per RTC second, each showing UF and IRQF in C.
     assert uie["uf"] == 4 and uie["irqs"] == 4 and uie["spurious"] == 0
-    assert abs(uie["elapsed"] - uie["uf"]) <= 1, uie
+    # (elapsed is read after the last interrupt: one more second allows for a host that runs the
+    # I/O thread late under load; flags coalesce then, they are not counters.)
+    assert abs(uie["elapsed"] - uie["uf"]) <= 2, uie
     # The alarm, set 2 RTC seconds ahead with a don't-care hour, fires once and at its time.
     assert aie["af"] == 1 and aie["irqs"] == 1 and aie["spurious"] == 0
-    assert 2 <= aie["after"] <= 3, aie
+    assert 2 <= aie["after"] <= 4, aie  # never early; late only by the host's latency
     # 1024 Hz periodic interrupts for one RTC second: some arrive, never above the timer cap
     # (plus the one that shows the guest the second turned).
     assert 0 < pie["pf"] == pie["irqs"] <= MAX_TIMER_HZ + 1 and pie["spurious"] == 0
