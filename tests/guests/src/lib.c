@@ -360,11 +360,10 @@ static void ioapic_write(u32 reg, u32 v)
     mmio_write32(IOAPIC_BASE + 0x10, v);
 }
 
-void irq_route(u32 pin, u8 vector, void (*fn)(void))
+void irq_install(u32 pin, u8 vector, const void *stub)
 {
-    irq_fn = fn;
     memcpy(irq_idt, idt, sizeof idt);
-    u64 a = (u64)irq_stub;
+    u64 a = (u64)stub;
     irq_idt[vector] = (struct idt_entry){ (u16)a, 0x08, 0x8e00, (u16)(a >> 16), (u32)(a >> 32), 0 };
     struct { u16 limit; u64 base; } __attribute__((packed)) ptr = { sizeof irq_idt - 1, (u64)irq_idt };
     __asm__ __volatile__("lidt %0" :: "m"(ptr));
@@ -375,6 +374,12 @@ void irq_route(u32 pin, u8 vector, void (*fn)(void))
     u32 apic = mmio_read32(LAPIC_BASE + LAPIC_ID) >> 24;
     ioapic_write(0x11 + 2 * pin, apic << 24);
     ioapic_write(0x10 + 2 * pin, vector);              /* fixed, physical, active high, edge, unmasked */
+}
+
+void irq_route(u32 pin, u8 vector, void (*fn)(void))
+{
+    irq_fn = fn;
+    irq_install(pin, vector, irq_stub);
 }
 
 /* --- entry ------------------------------------------------------------------------------------ */

@@ -108,17 +108,7 @@ static unsigned rw(u32 type, u64 sector, u8 *buf, u64 count, u64 chunk)
  * sleeps with `sti; hlt` (sti holds interrupts off for one more instruction, so an interrupt
  * that is already pending wakes the hlt instead of being taken before it). */
 #define IRQ_VECTOR 0x40
-#define IOAPIC_BASE 0xfec00000UL
-#define LAPIC_ID 0x20
-#define LAPIC_TPR 0x80
-#define LAPIC_SVR 0xf0
 
-struct gate {
-    u16 off0, sel, flags, off1;
-    u32 off2, zero;
-} __attribute__((packed));
-
-static struct gate irq_idt[IRQ_VECTOR + 1] __attribute__((aligned(16)));
 extern char blk_irq_stub[];
 __asm__(".text\n"
         "blk_irq_stub:\n"
@@ -127,31 +117,6 @@ __asm__(".text\n"
         "    movl $0, (%rax)\n"
         "    pop %rax\n"
         "    iretq\n");
-
-static void ioapic_write(u32 reg, u32 v)
-{
-    mmio_write32(IOAPIC_BASE, reg);
-    mmio_write32(IOAPIC_BASE + 0x10, v);
-}
-
-static void irq_setup(u32 irq)
-{
-    struct { u16 limit; u64 base; } __attribute__((packed)) ptr;
-    __asm__ __volatile__("sidt %0" : "=m"(ptr));
-    memcpy(irq_idt, (void *)ptr.base, ptr.limit + 1u < sizeof irq_idt ? ptr.limit + 1u : sizeof irq_idt);
-    u64 a = (u64)blk_irq_stub;
-    irq_idt[IRQ_VECTOR] = (struct gate){ (u16)a, 0x08, 0x8e00, (u16)(a >> 16), (u32)(a >> 32), 0 };
-    ptr.limit = sizeof irq_idt - 1;
-    ptr.base = (u64)irq_idt;
-    __asm__ __volatile__("lidt %0" :: "m"(ptr));
-    outb(0x21, 0xff);                                  /* 8259s masked: only the IOAPIC */
-    outb(0xa1, 0xff);
-    mmio_write32(LAPIC_BASE + LAPIC_SVR, 0x1ff);       /* software-enable the local APIC */
-    mmio_write32(LAPIC_BASE + LAPIC_TPR, 0);
-    u32 apic = mmio_read32(LAPIC_BASE + LAPIC_ID) >> 24;
-    ioapic_write(0x11 + 2 * irq, apic << 24);
-    ioapic_write(0x10 + 2 * irq, IRQ_VECTOR);          /* fixed, physical, active high, edge, unmasked */
-}
 
 /* Sleep until the used index moves past `last`; 1 if the device needs a reset instead (it then
  * raises a config interrupt: Status is read only after a wake-up that brought no used entry). */
@@ -198,7 +163,7 @@ static int bench(u64 capacity, u32 irqno)
         prepare(i, type, 0, bench_buf[i], (u32)bs);
     }
     if (irq) {
-        irq_setup(irqno);
+        irq_install(irqno, IRQ_VECTOR, blk_irq_stub);
         dev.avail->flags = 0;   /* used-buffer interrupts wanted */
     }
     print("bench: start op=%s bs=%lu total=%lu depth=%lu wait=%s\n", type == T_IN ? "read" : "write", bs,
