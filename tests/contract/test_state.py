@@ -8,7 +8,7 @@ import pytest
 
 from domain.cpu_state import Regs, VcpuSetup
 from domain.errors import SnapshotFormatError
-from domain.vcpu_exit import Hlt, Interrupted, IoOut
+from domain.vcpu_exit import Interrupted, IoOut
 from tests.contract import asm
 from tests.contract.conftest import Machine
 from tests.contract.longmode import CR0_PG, CR4_PAE, EFER_LMA, PML4_ADDR, enter

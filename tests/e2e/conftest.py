@@ -1,5 +1,3 @@
-import os
-
 import pytest
 
 from tests.e2e.qmpclient import VmmProcess

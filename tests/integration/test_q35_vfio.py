@@ -159,7 +159,6 @@ def test_msix_vectors_reach_the_guest_through_eventfds(vfio_vm):
 def test_device_del_goes_through_pciehp_and_gives_the_device_back(vfio_vm):
     vm = vfio_vm
     guest, dev, bar0 = plug_decoding(vm)
-    c = guest.c
     assert vm.hv.read(bar0, 1) == 0
     assert vm.dm.device_del("vfio-0") is False  # the guest must acknowledge
     guest.clear()

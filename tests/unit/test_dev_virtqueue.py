@@ -8,7 +8,6 @@ from domain.devices.virtio.mock import MockQueue
 from domain.devices.virtio.queue import (
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
-    VIRTQ_DESC_F_WRITE,
     VRING_AVAIL_F_NO_INTERRUPT,
     VirtioQueueError,
     VirtQueue,
