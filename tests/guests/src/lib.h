@@ -106,4 +106,11 @@ static inline void irq_disable(void) { __asm__ __volatile__("cli" ::: "memory");
  * that is already pending wakes the hlt instead of being taken before it. */
 static inline void irq_sleep(void) { __asm__ __volatile__("sti; hlt; cli" ::: "memory"); }
 
+/* Run fn(arg) in ring 3 (interrupts off; MMIO works, port I/O and print do not) over an
+ * identity map of the first 4 GiB with user access; returns its result, back in ring 0. For
+ * loops whose own speed is measured: kvm-pvm runs a guest's ring-0 code in its instruction
+ * emulator but ring-3 code natively. */
+u64 user_call(u64 (*fn)(void *), void *arg);
+void user_setup(void);   /* what user_call's first call builds (page tables, TSS), done ahead */
+
 #endif

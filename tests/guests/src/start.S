@@ -73,6 +73,9 @@ guest_gdt:
     .quad 0
     .quad 0x00AF9B000000FFFF    /* 0x08: 64-bit code */
     .quad 0x00CF93000000FFFF    /* 0x10: flat data */
+    .quad 0x00CFF3000000FFFF    /* 0x18: flat data, ring 3 (lib.c user_call) */
+    .quad 0x00AFFB000000FFFF    /* 0x20: 64-bit code, ring 3 */
+    .quad 0, 0                  /* 0x28: the 64-bit TSS, filled in by user_call */
 guest_gdt_end:
     .align 8
     .word 0, 0, 0
