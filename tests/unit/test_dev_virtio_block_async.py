@@ -48,8 +48,9 @@ class JobDisk(MemDisk):
 
 
 class Rig(BlockRig):
-    def __init__(self, features=None, disk=None):
-        super().__init__(disk or JobDisk(), features)
+    def __init__(self, features=None, disk=None, **device_kwargs):
+        device_kwargs.setdefault("poll_max", 0)  # the idle poll has its own tests below
+        super().__init__(disk or JobDisk(), features, **device_kwargs)
 
     def post(self, slot, rtype, sector, length=512):
         """Request in slot (own header, data and status); returns its head."""
@@ -225,6 +226,75 @@ def test_requests_posted_during_a_snapshot_wait_are_taken_afterwards():
     rig.disk.run_all()
     assert sorted(rig.q.take_used()) == sorted([(h0, 513), (h1, 513), (h2, 513)])
     assert not rig.used_flags() & VRING_USED_F_NO_NOTIFY
+
+
+class StepClock:
+    """A clock that moves `step` seconds per reading and runs hooks[n] at its n-th reading (the
+    guest acting while the device polls)."""
+
+    def __init__(self, step=1e-6):
+        self.t, self.step, self.calls, self.hooks = 0.0, step, 0, {}
+
+    def __call__(self):
+        self.calls += 1
+        hook = self.hooks.pop(self.calls, None)
+        if hook:
+            hook()
+        self.t += self.step
+        return self.t
+
+
+NO_EVENT_IDX = VIRTIO_F_VERSION_1 | b.VIRTIO_BLK_F_FLUSH  # notifications by the used flags word
+
+
+def test_an_idle_device_polls_the_ring_before_asking_for_notifications():
+    clock = StepClock()
+    rig = Rig(features=NO_EVENT_IDX, poll_max=64e-6, clock=clock)
+    h0 = rig.post(0, b.VIRTIO_BLK_T_IN, 0)
+    rig.drv.notify(0)
+    assert rig.q.take_used() == [(h0, 513)]
+    # Idle now, but the poll (a backend job) is still to come: notifications stay off.
+    assert len(rig.disk.jobs) == 1 and rig.used_flags() & VRING_USED_F_NO_NOTIFY
+    posted = []
+    clock.hooks[clock.calls + 5] = lambda: posted.append(rig.post(1, b.VIRTIO_BLK_T_IN, 1))  # no notify
+    rig.disk.run_all()
+    assert rig.q.take_used() == [(posted[0], 513)]  # taken by the poll, no notify needed
+    # The poll after it ran out (a miss): the window halves, notifications are back on.
+    assert not rig.used_flags() & VRING_USED_F_NO_NOTIFY
+    assert rig.dev._poll == 32e-6 and not rig.disk.jobs
+
+
+def test_missed_polls_close_the_window_and_a_quick_notify_reopens_it():
+    clock = StepClock()
+    rig = Rig(features=NO_EVENT_IDX, poll_max=64e-6, clock=clock)
+    windows = []
+    for slot in range(6):
+        rig.post(slot % 4, b.VIRTIO_BLK_T_IN, slot)
+        clock.t += 1.0  # the guest is slow: the notify comes long after the device went idle
+        rig.drv.notify(0)
+        rig.disk.run_all()
+        windows.append(rig.dev._poll)
+    assert windows == [32e-6, 16e-6, 8e-6, 4e-6, 0.0, 0.0]
+    assert not rig.used_flags() & VRING_USED_F_NO_NOTIFY  # no poll: notifications on at once
+    rig.post(0, b.VIRTIO_BLK_T_IN, 0)
+    rig.drv.notify(0)  # soon after the device went idle: a window would have caught it
+    assert rig.dev._poll == b.POLL_MIN
+    assert len(rig.q.take_used()) == 7
+
+
+def test_pause_ends_a_poll_and_resume_takes_what_came_meanwhile():
+    rig = Rig(features=NO_EVENT_IDX, poll_max=30.0)  # a window far longer than the test
+    rig.post(0, b.VIRTIO_BLK_T_IN, 0)
+    rig.drv.notify(0)
+    poll = threading.Thread(target=rig.disk.run_all)
+    poll.start()
+    rig.dev.pause()  # waits for the poll, which sees the pause and stops
+    poll.join(10)
+    assert not poll.is_alive()
+    h1 = rig.post(1, b.VIRTIO_BLK_T_IN, 1)  # the device is paused: nothing may take it now
+    assert rig.q.take_used() != [] and not rig.disk.jobs
+    rig.dev.resume()
+    assert rig.q.take_used() == [(h1, 513)]
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -11,8 +11,11 @@ own threads (QEMU's aio=threads): every request popped in one go but the last go
 last one runs on the calling thread, so a lone request costs no thread hand-off and a batch
 overlaps in the host kernel. Requests complete in whatever order they finish (virtio allows it).
 The thread that completes a request looks for new ones; notifications stay off while anything
-is in flight (a completion will look at the ring anyway) and are switched back on, with a
-re-check, only when the device goes idle. Reset, release and snapshot wait for the requests in
+is in flight (a completion will look at the ring anyway) and, when the device goes idle, for a
+short poll window more (QEMU's iothreads poll the same way, poll-max-ns): a driver that posts
+its next request within it costs neither a notify exit nor a thread wake-up. Only then are
+they switched back on, with a re-check. The window adapts: it halves after a miss and grows
+again when a notify comes soon after the device went idle. Reset, release and snapshot wait for the requests in
 flight first (``quiesce``); a paused device (``pause``) pops nothing, and a completion or notify
 that would have looked at the ring marks it for ``resume``. Without ``submit`` every request
 runs under the lock, in order.
@@ -22,6 +25,8 @@ from __future__ import annotations
 
 import struct
 import threading
+import time
+from typing import Callable
 
 from domain.devices.virtio import iov
 from domain.devices.virtio.device import VIRTIO_ID_BLOCK, VirtioDevice
@@ -50,13 +55,17 @@ ID_BYTES = 20
 HEADER = struct.Struct("<IIQ")
 QUEUE_SIZE = 256
 SIZE_MAX = 1 << 20  # largest single data segment we advertise
+POLL_MAX = 64e-6  # longest idle poll (s); QEMU's iothread default is 32 us, this host's exits cost more
+POLL_MIN = 4e-6  # below this a window is not worth starting: polling stops until a notify comes soon
+_POLL = object()  # _collect's answer "idle, notifications still off: poll the ring a while"
 
 
 class VirtioBlock(VirtioDevice):
     device_id = VIRTIO_ID_BLOCK
 
     def __init__(self, mem: GuestMemory, backend: BlockBackend, *, readonly: bool | None = None,
-                 serial: str = "", queue_size: int = QUEUE_SIZE):
+                 serial: str = "", queue_size: int = QUEUE_SIZE, poll_max: float = POLL_MAX,
+                 clock: Callable[[], float] = time.perf_counter):
         self.backend = backend
         self.readonly = backend.readonly if readonly is None else readonly
         self.serial = serial.encode("ascii", "replace")[:ID_BYTES]
@@ -72,6 +81,10 @@ class VirtioBlock(VirtioDevice):
         self._quiescing = 0  # > 0: pop nothing new (a reset, release or snapshot is waiting)
         self._unsignalled = False  # used entries added since the last interrupt decision
         self._idle = threading.Condition(self.lock)
+        self._poll_max = poll_max
+        self._poll = poll_max  # current idle poll window (s); 0 = none
+        self._idle_since = 0.0  # when notifications were last switched back on
+        self._clock = clock
 
     def bind(self, interrupt, lock) -> None:
         super().bind(interrupt, lock)
@@ -85,11 +98,13 @@ class VirtioBlock(VirtioDevice):
 
     def process_queue(self, index: int) -> None:
         """The driver notified: take what it posted. The data I/O of the last request runs here;
-        what the ring holds after it goes to the backend's threads, so the notifying thread (the
-        I/O thread every device shares) is back for the others after one request."""
+        what the ring holds after it goes to the backend's threads (and so does the idle poll),
+        so the notifying thread (the I/O thread every device shares) is back for the others
+        after one request."""
         if index != 0:
             return
         with self.lock:
+            self._notified()
             req = self.guarded(self._collect)
             self._signal()
         if req is None:
@@ -104,17 +119,54 @@ class VirtioBlock(VirtioDevice):
             self._drive(req)
 
     def _drive(self, req) -> None:
-        """Run ``req`` and whatever the ring holds when it completes (no lock held on entry)."""
+        """Run ``req`` and whatever the ring holds when it completes, polling it a while when
+        the device goes idle (no lock held on entry)."""
         while req is not None:
+            if req is _POLL:
+                req = self._idle_poll()
+                continue
             result = self._execute(req)
             with self.lock:
                 req = self.guarded(self._complete_and_collect, req, result)
                 self._signal()
 
-    def _collect(self):
+    def _idle_poll(self):
+        """Watch the avail index for the poll window, notifications off (counted in flight, so
+        a quiesce waits for it and the views it reads stay valid); then collect as usual, which
+        switches notifications on when nothing came."""
+        q = self.queues[0]
+        clock = self._clock
+        deadline = clock() + self._poll
+        hit = False
+        try:
+            while not (self.paused or self._quiescing):
+                if q.has_available():
+                    hit = True
+                    break
+                if clock() >= deadline:
+                    break
+        finally:
+            with self.lock:
+                if not hit:  # a miss: the driver is slower than the window, halve it
+                    self._poll = self._poll / 2 if self._poll >= 2 * POLL_MIN else 0.0
+                self._in_flight -= 1
+                if not self._in_flight:
+                    self._idle.notify_all()
+                req = self.guarded(self._collect)
+                self._signal()
+        return req
+
+    def _notified(self) -> None:
+        """A notify (lock held): one that comes soon after the device went idle means a poll
+        window would have caught it, so the window grows back."""
+        if self._poll < self._poll_max and self._clock() - self._idle_since < self._poll_max:
+            self._poll = min(self._poll_max, max(2 * self._poll, POLL_MIN))
+
+    def _collect(self, poll: bool = False):
         """Pop every available request (lock held). Requests without data I/O complete at once;
         with a threaded backend all data requests but the last are submitted to it. Returns the
-        request left for the calling thread to run, or None."""
+        request left for the calling thread to run, _POLL when the device went idle and the
+        caller should poll (``poll`` and a window open), or None."""
         q = self.queues[0]
         if not self.activated or not q.active:
             return None
@@ -142,6 +194,10 @@ class VirtioBlock(VirtioDevice):
                     held = req
                 if held is not None or self._in_flight:
                     return held  # notifications stay off: a completion looks at the ring again
+                if poll and self._poll:
+                    self._in_flight += 1  # the poll, until _idle_poll ends it
+                    return _POLL
+                self._idle_since = self._clock()
                 if not q.enable_notification():
                     return None
         except BaseException:
@@ -151,7 +207,7 @@ class VirtioBlock(VirtioDevice):
 
     def _complete_and_collect(self, req, result: int):
         self._complete(req, result)
-        return self._collect()
+        return self._collect(poll=True)
 
     def _signal(self) -> None:
         """One interrupt decision for everything added to the used ring since the last one."""
