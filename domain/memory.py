@@ -50,6 +50,7 @@ class GuestMemory:
         self._regions = tuple(built)
         self._starts = [r.gpa for r in built]
         self._first = built[0] if built and built[0].gpa == 0 else None
+        self._first_end = self._first.end if self._first is not None else -1
         self._buffers = [buf for _, buf in regions]
         self.size = sum(r.size for r in built)
         self._host_writes: Callable[[int, int], None] | None = None
@@ -68,9 +69,8 @@ class GuestMemory:
     def _find(self, gpa: int, length: int) -> RamRegion:
         # Hot path (every descriptor and buffer of every virtqueue request): the low region
         # holds almost every address, so test it first, then bisect the rest.
-        first = self._first
-        if first is not None and 0 <= gpa and 0 <= length and gpa + length <= first.end:
-            return first
+        if 0 <= gpa and 0 <= length and gpa + length <= self._first_end:
+            return self._first
         if length < 0 or gpa < 0:
             raise GuestMemoryError(f"invalid guest range {gpa:#x}+{length:#x}")
         i = bisect.bisect_right(self._starts, gpa) - 1
@@ -81,6 +81,8 @@ class GuestMemory:
         raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is outside guest RAM")
 
     def contains(self, gpa: int, length: int = 1) -> bool:
+        if 0 <= gpa and 0 <= length and gpa + length <= self._first_end:
+            return True  # (the hot path: a descriptor in the low region)
         try:
             self._find(gpa, length)
         except GuestMemoryError:

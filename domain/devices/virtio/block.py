@@ -150,7 +150,7 @@ class VirtioBlock(VirtioDevice):
                 if not hit:  # a miss: the driver is slower than the window, halve it
                     self._poll = self._poll / 2 if self._poll >= 2 * POLL_MIN else 0.0
                 self._in_flight -= 1
-                if not self._in_flight:
+                if not self._in_flight and self._quiescing:
                     self._idle.notify_all()
                 req = self.guarded(self._collect)
                 self._signal()
@@ -332,7 +332,7 @@ class VirtioBlock(VirtioDevice):
                 self._unsignalled = True
         finally:
             self._in_flight -= 1
-            if not self._in_flight:
+            if not self._in_flight and self._quiescing:  # only a quiesce waits on it
                 self._idle.notify_all()
 
     def _done(self, status: memoryview | None, code: int, data_len: int = 0) -> int:
