@@ -165,22 +165,36 @@ def nonzero_runs(view: memoryview, page_size: int = PAGE_SIZE) -> list[tuple[int
 
     Measured on 256 MiB here: memoryview == bytes compares element by element (1.3 s), while
     zero_bytes.startswith(view) is one memcmp without a copy (0.054 s all-zero, 0.005 s random).
-    So a 256 KiB chunk is tested at once, and only a non-zero chunk page by page.
+    So a 256 KiB chunk is tested at once, and only a non-zero chunk page by page; there, one
+    strided read of each page's first 8 bytes (C speed) settles every page whose first word is
+    not zero, and only the others are compared in full (fully written 256 MiB: 29 -> ~5 ms).
     """
     view = view.cast("B") if view.format != "B" else view
     n = len(view)
     zpage = _ZERO_PAGE if page_size == PAGE_SIZE else bytes(page_size)
+    per_chunk = _ZERO_CHUNK_SIZE // page_size
+    firsts = None
+    if page_size % 8 == 0 and n % page_size == 0 and _ZERO_CHUNK_SIZE % page_size == 0:
+        firsts = view.cast("Q")[:: page_size // 8].tolist()  # each page's first word
     runs: list[tuple[int, int]] = []
     start = -1
     for c in range(0, n, _ZERO_CHUNK_SIZE):
+        words = None
+        if firsts is not None:
+            p = c // page_size
+            words = firsts[p : p + per_chunk]
+            if 0 not in words:  # no page here can be zero
+                if start < 0:
+                    start = c
+                continue
         chunk = view[c : c + _ZERO_CHUNK_SIZE]
         if _ZERO_CHUNK.startswith(chunk):  # a shorter tail compares only its own length
             if start >= 0:
                 runs.append((start, c - start))
                 start = -1
             continue
-        for o in range(0, len(chunk), page_size):
-            if zpage.startswith(chunk[o : o + page_size]):
+        for i, o in enumerate(range(0, len(chunk), page_size)):
+            if (words is None or words[i] == 0) and zpage.startswith(chunk[o : o + page_size]):
                 if start >= 0:
                     runs.append((start, c + o - start))
                     start = -1

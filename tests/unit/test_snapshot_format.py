@@ -268,6 +268,20 @@ def test_nonzero_runs_on_chunk_boundaries():
     assert nonzero_runs(memoryview(buf)) == _naive_runs(bytes(buf))
 
 
+@settings(max_examples=100)
+@given(st.lists(st.sampled_from(["zero", "first-word", "late-byte"]), min_size=1, max_size=200))
+def test_nonzero_runs_whether_or_not_a_page_starts_with_zeros(kinds):
+    # Pages whose first 8 bytes are set are settled by the strided first-word read, the others
+    # by a full compare.
+    buf = bytearray(len(kinds) * PAGE_SIZE)
+    for i, kind in enumerate(kinds):
+        if kind == "first-word":
+            buf[i * PAGE_SIZE:i * PAGE_SIZE + 8] = b"\x01" * 8
+        elif kind == "late-byte":
+            buf[i * PAGE_SIZE + PAGE_SIZE - 1] = 7
+    assert nonzero_runs(memoryview(buf)) == _naive_runs(bytes(buf))
+
+
 def test_page_runs_coalesce():
     P = PAGE_SIZE
     assert page_runs([5 * P, 0, P, 2 * P, 5 * P, 9 * P, 6 * P]) == [(0, 3), (5 * P, 2), (9 * P, 1)]
