@@ -16,7 +16,7 @@ from domain.cpu_state import VcpuSetup
 from domain.errors import HypervisorError, InvalidStateError
 from domain.events import DomainEvent, Resumed, ShutdownEvent, Stopped
 from domain.lifecycle import Lifecycle, RunState
-from domain.memory import PAGE_SIZE, GuestMemory
+from domain.memory import GuestMemory, bitmap_pages
 from domain.ports import EventSink, Hypervisor, HvVm, MemoryAllocator
 from domain.topology import cpu_slots
 
@@ -266,14 +266,7 @@ class VirtualMachine:
         host = self._host_writes.take() if self._host_writes is not None else set()
         pages: list[int] = []
         for r in self.memory.regions:
-            bitmap = self.hv_vm.get_dirty_log(r.slot)
-            base = r.gpa
-            for byte_i, b in enumerate(bitmap):
-                if not b:
-                    continue
-                for bit in range(8):
-                    if b >> bit & 1:
-                        pages.append(base + (byte_i * 8 + bit) * PAGE_SIZE)
+            pages += bitmap_pages(self.hv_vm.get_dirty_log(r.slot), r.gpa)
         if host:
             host.update(pages)
             return sorted(host)
