@@ -239,6 +239,7 @@ class MigrationService:
             if not state.commit():
                 raise Cancelled()
             ch.send([proto.encode(proto.Complete(run=was_running, digest=digest))])
+            t_sent = self._clock()  # QEMU's downtime ends here; ours at the ACK (state applied there)
             reply = self._read_message(ch, "destination")
             if isinstance(reply, proto.Error):
                 raise MigrationError(f"destination could not load the migration: {reply.reason}")
@@ -252,8 +253,9 @@ class MigrationService:
             c.push()
             state.update(downtime=ms(now - t_pause), total_time=ms(now - c.t_start))
             state.transition(MigrationStatus.COMPLETED)
-            self._log.info("migration completed: %d MiB sent in %d rounds, %d ms total, %d ms downtime",
-                           c.transferred >> 20, c.rounds, ms(now - c.t_start), ms(now - t_pause))
+            self._log.info("migration completed: %d MiB sent in %d rounds, %d ms total, %d ms downtime "
+                           "(%.1f ms of it until the last byte was sent)", c.transferred >> 20, c.rounds,
+                           ms(now - c.t_start), ms(now - t_pause), (t_sent - t_pause) * 1000)
             self._close_channel(ch)
             ch = None
             vm.request_exit(0)
