@@ -7,6 +7,7 @@ like an IOMMU host, to run the whole sequence, its bookkeeping and its undo path
 
 import ctypes
 import errno
+import gc
 import mmap
 import os
 import shutil
@@ -77,6 +78,9 @@ def fake_device(tmp_path, name="dev"):
 
 
 def open_fds() -> set[str]:
+    """This process's open fds, after a garbage collection. Compare with <=, not ==: a thread
+    or object left by an earlier test may close its own fds meanwhile, never open ours."""
+    gc.collect()
     return set(os.listdir("/proc/self/fd"))
 
 
@@ -165,7 +169,7 @@ def test_no_vfio_container_node_on_this_host(sysfs, memory):
         m.open_device(HOST)
     assert str(ei.value) == (f"VFIO {HOST}: open /dev/vfio/vfio: No such file or directory [ENOENT]; "
                              "load the vfio-pci module (modprobe vfio-pci) on a host with an IOMMU enabled")
-    assert open_fds() == before
+    assert open_fds() <= before
 
 
 def test_real_ioctls_on_something_else_are_refused(sysfs, dev_dir, memory):
@@ -175,7 +179,7 @@ def test_real_ioctls_on_something_else_are_refused(sysfs, dev_dir, memory):
     before = open_fds()
     with pytest.raises(VfioError, match=r"VFIO_GET_API_VERSION: Inappropriate ioctl for device \[ENOTTY\]"):
         m.open_device(HOST)
-    assert open_fds() == before
+    assert open_fds() <= before
 
 
 def test_real_pci_device_without_iommu_group_on_this_host(memory):
@@ -232,7 +236,7 @@ def check_refused(sysfs, dev_dir, memory, k, match):
     m = manager(sysfs, dev_dir, memory, k)
     with pytest.raises(VfioError, match=match):
         m.open_device(HOST)
-    assert open_fds() == before  # everything this call opened is closed again
+    assert open_fds() <= before  # everything this call opened is closed again
     assert m.dma_mappings == []
     return m
 
@@ -325,7 +329,7 @@ def test_groups_share_one_container_and_one_dma_map(sysfs, dev_dir, memory, tmp_
     dc.close()
     assert k.names() == ["unset_container", "unset_container"]
     assert m.dma_mappings == []
-    assert open_fds() == before  # devices, groups and the container are all closed
+    assert open_fds() <= before  # devices, groups and the container are all closed
 
 
 def test_manager_close_closes_every_device(sysfs, dev_dir, memory, tmp_path):
@@ -335,7 +339,7 @@ def test_manager_close_closes_every_device(sysfs, dev_dir, memory, tmp_path):
     before = open_fds()
     dev = m.open_device(HOST)
     m.close()
-    assert dev.closed and open_fds() == before
+    assert dev.closed and open_fds() <= before
     m.close()
 
 
