@@ -115,6 +115,8 @@ void vq_notify(struct vdev *d)
     vwrite(d, VM_QUEUE_NOTIFY, 0);
 }
 
+u64 vq_check_every = 4096;
+
 int vq_wait(struct vdev *d, u32 *id, u32 *len, u64 timeout)
 {
     volatile u16 *used_idx = &d->used->idx;
@@ -128,7 +130,7 @@ int vq_wait(struct vdev *d, u32 *id, u32 *len, u64 timeout)
             *len = e.len;
             return WAIT_DONE;
         }
-        if (spins % 4096 == 0) {             /* MMIO reads exit to the VMM: only now and then */
+        if (spins % vq_check_every == 0) {   /* MMIO reads exit to the VMM: only now and then */
             if (vread(d, VM_STATUS) & S_NEEDS_RESET)
                 return WAIT_NEEDS_RESET;
             u64 now = rdtsc();
