@@ -49,6 +49,10 @@ class MigratableVm(Protocol):
         """Every component's state, vCPUs paused: name -> (record version, payload bytes).
         Names: "machine", "vm" (irqchip/pit/clock), "vcpu.N", "dev.<id>"."""
 
+    def collect_device_state(self) -> dict[str, tuple[int, bytes]]:
+        """The "dev.<id>" records of collect_state alone (the final pass's settle check takes
+        them again to prove the paused devices hold still)."""
+
     def apply_state(self, records: dict[str, tuple[int, bytes]]) -> None:
         """Inverse of collect_state on a VM built from the same configuration. Raises
         IncompatibleConfigError / SnapshotFormatError on anything that does not fit."""

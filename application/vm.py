@@ -223,6 +223,13 @@ class VirtualMachine:
         records["vm"] = (1, encode_state(self.hv_vm.save_state()))
         for r in self.runners:
             records[f"vcpu.{r.index}"] = (1, encode_state(r.vcpu.save_state()))
+        records.update(self.collect_device_state())
+        return records
+
+    def collect_device_state(self) -> dict[str, tuple[int, bytes]]:
+        from domain.state_codec import encode_state
+
+        records: dict[str, tuple[int, bytes]] = {}
         host_writes = self._host_writes
         for name, (version, state) in self.devices.save_states().items():
             if host_writes is not None:  # the rings the quiesced devices last wrote

@@ -489,8 +489,8 @@ class FakeVcpu:
     def save_state(self) -> dict[str, Any]:
         return {
             "version": STATE_VERSION,
-            "regs": dataclasses.asdict(self.get_regs()),
-            "sregs": dataclasses.asdict(self._sregs),
+            "regs": _as_dict(self.get_regs()),
+            "sregs": _as_dict(self._sregs),
             "halted": self._halted,
             "pending": list(self._pending) if self._pending else None,
             "exit_data": bytes(self._exit_buf),
@@ -527,12 +527,28 @@ class FakeVcpu:
 
 
 _SEGMENTS = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _as_dict(obj) -> dict[str, Any]:
+    """dataclasses.asdict for the register records (int fields and nested records, nothing
+    else), without its recursion through deepcopy: a vCPU's record is collected inside a
+    migration's downtime."""
+    cls = obj.__class__
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    out: dict[str, Any] = {}
+    for name in names:
+        v = getattr(obj, name)
+        out[name] = v if v.__class__ is int else _as_dict(v)
+    return out
 
 
 def _copy_sregs(s: Sregs) -> Sregs:
     """A private copy, checked like KVM's fixed-width fields would check it."""
     try:
-        return _sregs_from(dataclasses.asdict(s), "sregs")
+        return _sregs_from(_as_dict(s), "sregs")
     except SnapshotFormatError as e:
         raise HypervisorError(str(e)) from None
 

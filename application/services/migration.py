@@ -281,18 +281,19 @@ class MigrationService:
     def _settle_devices(self, ch: MigrationChannel, c: Progress, records: dict) -> dict:
         """A safety check: with the vCPUs parked and the devices paused, nothing should move,
         and the first collection agrees. Should a device still move (host-side work the pause
-        does not cover), collect again and resend what was written until two collections
-        agree; a few passes at most."""
+        does not cover), collect the devices again and resend what was written until two
+        collections agree; a few passes at most. The vCPU and VM records are the first
+        collection's, taken closest to the pause."""
         vm = self._vm
         for _ in range(_SETTLE_PASSES):
-            again = vm.collect_state()
+            again = vm.collect_device_state()
             late = page_runs(list(vm.dirty_pages()))
             c.remaining = sum(n for _, n in late) * PAGE_SIZE
             self._send_runs(ch, c, late)
-            if _devices(again) == _devices(records):  # (vCPU/clock records carry the time)
-                return again
+            if again == _devices(records):
+                return records
             self._log.info("migration: a device moved during the final pass; collecting again")
-            records = again
+            records = {k: v for k, v in records.items() if not k.startswith("dev.")} | again
         raise MigrationError("device state did not settle with the vCPUs stopped")
 
     @staticmethod

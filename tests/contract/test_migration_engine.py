@@ -115,6 +115,9 @@ class InTestVm:
             self.collected_with_devices_running = True
         return dict(self.devstate)
 
+    def collect_device_state(self):
+        return {k: v for k, v in self.collect_state().items() if k.startswith("dev.")}
+
     def apply_state(self, records):
         if set(records) != set(self.devstate):
             raise IncompatibleConfigError(f"state records differ: {sorted(records)}")
@@ -1320,6 +1323,46 @@ def test_failure_after_the_pause_resumes_the_source(tmp_path, log):
     assert src.device_calls == ["pause", "resume"]
     assert d.join() is False and dst.exit_code == 1
     assert "KVM_GET_LAPIC" in d.state.error  # the source told the destination why
+
+
+class MovingDeviceVm(InTestVm):
+    """A device whose state still changes after the pause, `moves` times (then it holds)."""
+
+    def __init__(self, moves, **kw):
+        super().__init__(**kw)
+        self.moves = moves
+        self.collections = 0
+
+    def collect_device_state(self):
+        self.collections += 1
+        if self.moves:
+            self.moves -= 1
+            self.devstate["dev.net0"] = (1, os.urandom(32))
+        return super().collect_device_state()
+
+
+def test_a_device_that_moves_after_the_pause_is_collected_again(tmp_path, log):
+    src = MovingDeviceVm(moves=2)
+    fill(src, 0.1)
+    dst = InTestVm(state=RunState.PRELAUNCH)
+    d = Destination(dst, f"unix:{tmp_path}/m.sock", log)
+    state = migrate_once(src, d.address, log)
+    assert state.status is MigrationStatus.COMPLETED, state.error
+    assert d.join() is True
+    assert src.collections == 3  # moved, moved, held
+    assert dst.devstate == src.devstate  # the last device state, the first vCPU records
+    assert sum("a device moved during the final pass" in line for line in log.lines) == 2
+
+
+def test_a_device_that_never_holds_still_fails_the_migration(tmp_path, log):
+    src = MovingDeviceVm(moves=1000)
+    fill(src, 0.1)
+    dst = InTestVm(state=RunState.PRELAUNCH)
+    d = Destination(dst, f"unix:{tmp_path}/m.sock", log)
+    state = migrate_once(src, d.address, log)
+    assert state.status is MigrationStatus.FAILED and "did not settle" in state.error
+    assert_source_intact(src)
+    assert d.join() is False and dst.exit_code == 1
 
 
 class BadDirtyLogVm(InTestVm):

@@ -433,7 +433,7 @@ __asm__(".text\n"
         "user_return:\n"                        /* ring 0 again; rax holds fn's result */
         "    mov user_kernel_rsp(%rip), %rsp\n"
         "    mov $0x10, %ecx\n"
-        "    mov %ecx, %ds\n    mov %ecx, %es\n    mov %ecx, %ss\n"
+        "    mov %ecx, %ds\n    mov %ecx, %es\n    mov %ecx, %fs\n    mov %ecx, %gs\n    mov %ecx, %ss\n"
         "    pop %r15\n    pop %r14\n    pop %r13\n    pop %r12\n    pop %rbp\n    pop %rbx\n"
         "    ret\n");
 
