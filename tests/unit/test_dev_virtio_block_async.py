@@ -282,6 +282,19 @@ def test_missed_polls_close_the_window_and_a_quick_notify_reopens_it():
     assert len(rig.q.take_used()) == 7
 
 
+def test_a_hostile_avail_index_seen_by_the_poll_needs_a_reset_and_nothing_hangs():
+    clock = StepClock()
+    rig = Rig(features=NO_EVENT_IDX, poll_max=64e-6, clock=clock)
+    rig.post(0, b.VIRTIO_BLK_T_IN, 0)
+    rig.drv.notify(0)
+    clock.hooks[clock.calls + 3] = lambda: rig.q.set_avail_idx(rig.q.used_idx() + 100)  # > queue size
+    rig.disk.run_all()  # the poll sees "available", the pop refuses the index
+    assert rig.drv.read32(r.STATUS) & r.DEVICE_NEEDS_RESET
+    assert rig.dev._in_flight == 0  # the poll ended: a reset does not wait for ever
+    rig.drv.write32(r.STATUS, 0)
+    assert rig.drv.read32(r.STATUS) == 0
+
+
 def test_pause_ends_a_poll_and_resume_takes_what_came_meanwhile():
     rig = Rig(features=NO_EVENT_IDX, poll_max=30.0)  # a window far longer than the test
     rig.post(0, b.VIRTIO_BLK_T_IN, 0)
