@@ -15,10 +15,10 @@ is in flight (a completion will look at the ring anyway) and, when the device go
 short poll window more (QEMU's iothreads poll the same way, poll-max-ns): a driver that posts
 its next request within it costs neither a notify exit nor a thread wake-up. Only then are
 they switched back on, with a re-check. The window adapts: it halves after a miss and grows
-again when a notify comes soon after the device went idle. Reset, release and snapshot wait for the requests in
-flight first (``quiesce``); a paused device (``pause``) pops nothing, and a completion or notify
-that would have looked at the ring marks it for ``resume``. Without ``submit`` every request
-runs under the lock, in order.
+again when a notify comes soon after the device went idle. Reset, release and snapshot wait
+for the requests in flight (and a poll) first (``quiesce``); a paused device (``pause``) pops
+nothing, and a completion or notify that would have looked at the ring marks it for
+``resume``. Without ``submit`` every request runs under the lock, in order.
 """
 
 from __future__ import annotations
@@ -137,17 +137,15 @@ class VirtioBlock(VirtioDevice):
         q = self.queues[0]
         clock = self._clock
         deadline = clock() + self._poll
-        hit = False
+        missed = False
         try:
-            while not (self.paused or self._quiescing):
-                if q.has_available():
-                    hit = True
-                    break
+            while not (self.paused or self._quiescing) and not q.has_available():
                 if clock() >= deadline:
+                    missed = True
                     break
         finally:
             with self.lock:
-                if not hit:  # a miss: the driver is slower than the window, halve it
+                if missed:  # the driver is slower than the window: halve it
                     self._poll = self._poll / 2 if self._poll >= 2 * POLL_MIN else 0.0
                 self._in_flight -= 1
                 if not self._in_flight and self._quiescing:
