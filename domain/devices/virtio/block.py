@@ -244,6 +244,19 @@ class VirtioBlock(VirtioDevice):
         """A data request (head, type, byte offset, buffers, length, status view), or the used
         length of a request finished here (errors, GET_ID)."""
         mem = self.mem
+        descs = chain.descs
+        if len(descs) == 3:
+            # The usual shape, header / data / status (Linux, the test guests): the general
+            # path below gives the same answer for it, in about twice the time.
+            (h_addr, h_len, h_w), (d_addr, d_len, d_w), (s_addr, s_len, s_w) = descs
+            if h_len == HEADER.size and not h_w and s_len == 1 and s_w and d_len:
+                rtype, _, sector = HEADER.unpack_from(mem.read_view(h_addr, HEADER.size))
+                if (rtype == VIRTIO_BLK_T_IN and d_w) or (rtype == VIRTIO_BLK_T_OUT and not d_w
+                                                          and not self.readonly):
+                    status = mem.view(s_addr, 1)
+                    if not self._in_range(sector, d_len):
+                        return self._done(status, VIRTIO_BLK_S_IOERR)
+                    return (chain.head, rtype, sector * SECTOR_SIZE, [mem.view(d_addr, d_len)], d_len, status)
         readable: list[tuple[int, int]] = []
         writable: list[tuple[int, int]] = []
         in_total = out_total = 0
