@@ -224,8 +224,14 @@ class BenchBase:
         and that socket."""
         sock = os.path.join(self.dir, f"{name}.sock")
         unlink(sock)
+        guest: list[str] = []
+        if self.accel == "kvm":  # an idle guest, as QEMU's firmware with nothing to boot is
+            sys.path.insert(0, str(ROOT))
+            from tests.guests.build import build_guest
+
+            guest = ["-kernel", str(build_guest("hello")), "-append", "exit=halt"]
         return [*pystrato_cmd(), "-accel", self.accel, "-machine", "microvm", "-m", str(size),
-                *extra, "-qmp", f"unix:{sock},server,nowait"], sock
+                *guest, *extra, "-qmp", f"unix:{sock},server,nowait"], sock
 
     def qemu_cmd(self, size: int, name: str, backend: str, *extra: str) -> tuple[list[str], str]:
         """QEMU's command line for a microvm guest of ``size`` MiB whose RAM is the -object
@@ -275,7 +281,8 @@ def parse_args(doc: str, dir_help: str) -> argparse.Namespace:
     ap.add_argument("--sizes", default=[256, 1024], type=lambda v: [int(s) for s in v.split(",")],
                     help="guest sizes in MiB")
     ap.add_argument("--dir", default=None, help=dir_help)
-    ap.add_argument("--accel", default="test", help="pystrato's -accel (test or kvm)")
+    ap.add_argument("--accel", default="test",
+                    help="pystrato's -accel: test, or kvm (then the `hello` test guest, halted after its line)")
     return ap.parse_args()
 
 
