@@ -144,14 +144,21 @@ def main() -> int:
         for run in range(a.runs):
             for size, content in cases:
                 r = res[(size, content)]
-                t, snap = b.ours_save(size, content)
-                r["ps"].append(t)
-                r["pr"].append(b.ours_restore(size, content, snap))
-                unlink(snap)
-                t, f = b.qemu_save(size, content)
-                r["qs"].append(t)
-                r["qr"].append(b.qemu_restore(size, f))
-                unlink(f)
+
+                def ours() -> None:
+                    t, snap = b.ours_save(size, content)
+                    r["ps"].append(t)
+                    r["pr"].append(b.ours_restore(size, content, snap))
+                    unlink(snap)
+
+                def qemu() -> None:
+                    t, f = b.qemu_save(size, content)
+                    r["qs"].append(t)
+                    r["qr"].append(b.qemu_restore(size, f))
+                    unlink(f)
+
+                for step in ((ours, qemu) if run % 2 == 0 else (qemu, ours)):  # alternate who goes first
+                    step()
             print(f"run {run + 1}/{a.runs} done", file=sys.stderr)
     finally:
         unlink(workdir)
