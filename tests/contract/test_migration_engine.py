@@ -1312,12 +1312,18 @@ class FailingStateVm(InTestVm):
         raise HypervisorError("KVM_GET_LAPIC failed: Input/output error")
 
 
-def test_failure_after_the_pause_resumes_the_source(tmp_path, log):
-    src = FailingStateVm()
+def migrate_filled(src, tmp_path, log):
+    """Write a tenth of src's RAM and migrate it to a fresh destination over a unix socket:
+    (the source's MigrationState, the Destination, its VM)."""
     fill(src, 0.1)
     dst = InTestVm(state=RunState.PRELAUNCH)
     d = Destination(dst, f"unix:{tmp_path}/m.sock", log)
-    state = migrate_once(src, d.address, log)
+    return migrate_once(src, d.address, log), d, dst
+
+
+def test_failure_after_the_pause_resumes_the_source(tmp_path, log):
+    src = FailingStateVm()
+    state, d, dst = migrate_filled(src, tmp_path, log)
     assert state.status is MigrationStatus.FAILED and "KVM_GET_LAPIC" in state.error
     assert_source_intact(src)
     assert src.device_calls == ["pause", "resume"]
@@ -1343,10 +1349,7 @@ class MovingDeviceVm(InTestVm):
 
 def test_a_device_that_moves_after_the_pause_is_collected_again(tmp_path, log):
     src = MovingDeviceVm(moves=2)
-    fill(src, 0.1)
-    dst = InTestVm(state=RunState.PRELAUNCH)
-    d = Destination(dst, f"unix:{tmp_path}/m.sock", log)
-    state = migrate_once(src, d.address, log)
+    state, d, dst = migrate_filled(src, tmp_path, log)
     assert state.status is MigrationStatus.COMPLETED, state.error
     assert d.join() is True
     assert src.collections == 3  # moved, moved, held
@@ -1356,10 +1359,7 @@ def test_a_device_that_moves_after_the_pause_is_collected_again(tmp_path, log):
 
 def test_a_device_that_never_holds_still_fails_the_migration(tmp_path, log):
     src = MovingDeviceVm(moves=1000)
-    fill(src, 0.1)
-    dst = InTestVm(state=RunState.PRELAUNCH)
-    d = Destination(dst, f"unix:{tmp_path}/m.sock", log)
-    state = migrate_once(src, d.address, log)
+    state, d, dst = migrate_filled(src, tmp_path, log)
     assert state.status is MigrationStatus.FAILED and "did not settle" in state.error
     assert_source_intact(src)
     assert d.join() is False and dst.exit_code == 1
