@@ -156,6 +156,7 @@ class GuestMemory:
         self._regions = ()
         self._starts = []
         self._first = None
+        self._first_end = -1  # the fast paths of _find/contains see no RAM either
         self._buffers = []
 
 
