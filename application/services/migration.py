@@ -203,6 +203,8 @@ class MigrationService:
                 raise SnapshotFormatError(f"unexpected {type(reply).__name__} from the destination")
             if not state.activate():
                 raise Cancelled()
+            import domain.state_codec  # noqa: F401 (the final pass encodes with it: imported now, not in the downtime)
+
             c.activated(vm.memory.size)
             self._log.info("migration to %s started (%d MiB of guest RAM)", uri, vm.memory.size >> 20)
 
@@ -590,6 +592,8 @@ class MigrationService:
             vm.request_exit(1)
             return False
         ch.send([proto.encode(proto.Accept())])
+        import domain.state_codec  # noqa: F401 (decoding the state is part of the downtime: import it now)
+
         state.transition(MigrationStatus.ACTIVE)
         self._log.info("incoming migration accepted")
         mem = vm.memory
