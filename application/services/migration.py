@@ -178,6 +178,8 @@ class MigrationService:
         self._jobs.check_cancel()
 
     def _outgoing(self, uri: MigrationUri, verify: bool) -> None:
+        import domain.state_codec  # noqa: F401 (the final pass encodes with it: imported now, not in the downtime)
+
         vm, state = self._vm, self._state
         c = Progress(state, self._clock, self._log, self._progress_interval)
         ch: MigrationChannel | None = None
@@ -203,8 +205,6 @@ class MigrationService:
                 raise SnapshotFormatError(f"unexpected {type(reply).__name__} from the destination")
             if not state.activate():
                 raise Cancelled()
-            import domain.state_codec  # noqa: F401 (the final pass encodes with it: imported now, not in the downtime)
-
             c.activated(vm.memory.size)
             self._log.info("migration to %s started (%d MiB of guest RAM)", uri, vm.memory.size >> 20)
 
@@ -580,6 +580,8 @@ class MigrationService:
         return "; ".join(problems) or None
 
     def _receive(self, ch: MigrationChannel) -> bool:
+        import domain.state_codec  # noqa: F401 (decoding the state is part of the downtime: import it now)
+
         vm, state = self._vm, self._state
         first = self._read_message(ch, "source")
         if not isinstance(first, proto.Hello):
@@ -592,8 +594,6 @@ class MigrationService:
             vm.request_exit(1)
             return False
         ch.send([proto.encode(proto.Accept())])
-        import domain.state_codec  # noqa: F401 (decoding the state is part of the downtime: import it now)
-
         state.transition(MigrationStatus.ACTIVE)
         self._log.info("incoming migration accepted")
         mem = vm.memory
