@@ -218,20 +218,20 @@ class BenchBase:
         self.qaccel = qemu_accel()
         self.env = pystrato_env(os.path.join(workdir, "pycache"))
         self.prefill: dict[int, str] = {}
+        self.guest: list[str] = []  # pystrato's guest: none for the fake's built-in idle guest
+        if accel == "kvm":  # an idle guest, as QEMU's firmware with nothing to boot is
+            sys.path.insert(0, str(ROOT))
+            from tests.guests.build import build_guest
+
+            self.guest = ["-kernel", str(build_guest("hello")), "-append", "exit=halt"]
 
     def ours_cmd(self, size: int, name: str, *extra: str) -> tuple[list[str], str]:
         """pystrato's command line for a microvm guest of ``size`` MiB with QMP on DIR/NAME.sock,
         and that socket."""
         sock = os.path.join(self.dir, f"{name}.sock")
         unlink(sock)
-        guest: list[str] = []
-        if self.accel == "kvm":  # an idle guest, as QEMU's firmware with nothing to boot is
-            sys.path.insert(0, str(ROOT))
-            from tests.guests.build import build_guest
-
-            guest = ["-kernel", str(build_guest("hello")), "-append", "exit=halt"]
         return [*pystrato_cmd(), "-accel", self.accel, "-machine", "microvm", "-m", str(size),
-                *guest, *extra, "-qmp", f"unix:{sock},server,nowait"], sock
+                *self.guest, *extra, "-qmp", f"unix:{sock},server,nowait"], sock
 
     def qemu_cmd(self, size: int, name: str, backend: str, *extra: str) -> tuple[list[str], str]:
         """QEMU's command line for a microvm guest of ``size`` MiB whose RAM is the -object
