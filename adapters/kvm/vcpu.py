@@ -30,7 +30,10 @@ from domain.cpu_features import HYPERCALL_FEATURES
 from domain.cpu_state import Regs, Sregs, VcpuSetup
 from domain.errors import HypervisorError, SnapshotFormatError
 
-STATE_VERSION = 1
+# 2: CPUID and MSRs as the kernel's own arrays (bytes), not lists of ints: a migration
+# encodes the vCPU inside its downtime, and ~600 ints took longer than every ioctl together.
+# Version 1 states (snapshots of earlier releases) are still read.
+STATE_VERSION = 2
 
 _FMT = {1: "B", 2: "H", 4: "I", 8: "Q"}
 
@@ -82,7 +85,11 @@ _BLOBS = (
     ("lapic", "struct kvm_lapic_state *", "KVM_GET_LAPIC", "KVM_SET_LAPIC", "irqchip"),
     ("vcpu_events", "struct kvm_vcpu_events *", "KVM_GET_VCPU_EVENTS", "KVM_SET_VCPU_EVENTS", None),
 )
-_STATE_KEYS = frozenset({"version", "cpuid", "mp_state", "msrs"} | {b[0] for b in _BLOBS})
+_STATE_KEYS = {
+    1: frozenset({"version", "cpuid", "mp_state", "msrs"} | {b[0] for b in _BLOBS}),
+    2: frozenset({"version", "cpuid", "mp_state", "msr_indices", "msr_values"} | {b[0] for b in _BLOBS}),
+}
+_CPUID_ENTRY_SIZE = ffi.sizeof("struct kvm_cpuid_entry2")
 
 
 class KvmVcpu:
@@ -293,7 +300,10 @@ class KvmVcpu:
     # --- state -------------------------------------------------------------------------------------
 
     def save_state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"version": STATE_VERSION, "cpuid": self.get_cpuid()}
+        cpuid = ffi.new("struct kvm_cpuid_entry2[]", _MAX_CPUID)
+        n = check(lib.px_get_cpuid2(self._fd, cpuid, _MAX_CPUID), "KVM_GET_CPUID2", f"vcpu {self.index}")
+        state: dict[str, Any] = {"version": STATE_VERSION,
+                                 "cpuid": bytes(ffi.buffer(cpuid, n * _CPUID_ENTRY_SIZE))}
         for key, ctype, get, _set, cap in _BLOBS:
             if not self._has(cap):
                 state[key] = None
@@ -305,17 +315,26 @@ class KvmVcpu:
         self._ioctl("KVM_GET_MP_STATE", mp)
         state["mp_state"] = int(mp.mp_state)
         indices = self._saveable_msrs()
-        msrs = self.get_msrs(indices)
-        if len(msrs) != len(indices):
+        idx = ffi.new("uint32_t[]", indices)
+        val = ffi.new("uint64_t[]", len(indices))
+        n = check(lib.px_get_msrs(self._fd, idx, val, len(indices)), "KVM_GET_MSRS", f"vcpu {self.index}")
+        if n != len(indices):
             raise KvmIoctlError("KVM_GET_MSRS", errno.EINVAL,
-                                f"vcpu {self.index}: MSR {indices[len(msrs)]:#x} unreadable")
-        state["msrs"] = [[i, v] for i, v in msrs]
+                                f"vcpu {self.index}: MSR {indices[n]:#x} unreadable")
+        state["msr_indices"] = bytes(ffi.buffer(idx))
+        state["msr_values"] = bytes(ffi.buffer(val))
         return state
 
     def restore_state(self, state: dict[str, Any]) -> None:
-        blobs = self._validate(state)
-        if state["cpuid"]:
-            self.set_cpuid(state["cpuid"])
+        blobs, msrs = self._validate(state)
+        if state["version"] == 1:
+            if state["cpuid"]:
+                self.set_cpuid(state["cpuid"])
+        elif state["cpuid"]:
+            n = len(state["cpuid"]) // _CPUID_ENTRY_SIZE
+            cpuid = ffi.new("struct kvm_cpuid_entry2[]", n)
+            ffi.buffer(cpuid)[:] = state["cpuid"]
+            check(lib.px_set_cpuid2(self._fd, cpuid, n), "KVM_SET_CPUID2", f"vcpu {self.index}")
         mp = ffi.new("struct kvm_mp_state *")
         mp.mp_state = state["mp_state"]
         # Firecracker's order: MSRs after the LAPIC (TSC deadline), events last.
@@ -323,7 +342,7 @@ class KvmVcpu:
         for key in ("regs", "sregs", "fpu", "xsave", "xcrs", "debugregs", "lapic"):
             if key in blobs:
                 self._ioctl(blobs[key][0], blobs[key][1])
-        self._restore_msrs(state["msrs"])
+        self._restore_msrs(msrs)
         self._ioctl(blobs["vcpu_events"][0], blobs["vcpu_events"][1])
 
     def _restore_msrs(self, msrs: list) -> None:
@@ -342,10 +361,12 @@ class KvmVcpu:
                                     f"vcpu {self.index}: MSR {index:#x} refused value {value:#x}")
             remaining = remaining[n + 1 :]
 
-    def _validate(self, state: Any) -> dict[str, tuple[str, Any]]:
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+    def _validate(self, state: Any) -> tuple[dict[str, tuple[str, Any]], list[tuple[int, int]]]:
+        """(the blobs to set by key, the MSRs as (index, value)); SnapshotFormatError else."""
+        version = state.get("version") if isinstance(state, dict) else None
+        if type(version) is not int or version not in _STATE_KEYS:
             raise SnapshotFormatError(f"vcpu {self.index} state: missing or unknown version")
-        if set(state) != _STATE_KEYS:
+        if set(state) != _STATE_KEYS[version]:
             raise SnapshotFormatError(f"vcpu {self.index} state: unexpected or missing fields")
         blobs = {}
         for key, ctype, _get, set_, cap in _BLOBS:
@@ -359,13 +380,26 @@ class KvmVcpu:
             blobs[key] = (set_, obj)
         if "lapic" in blobs and not self._vm.has_irqchip:
             raise SnapshotFormatError(f"vcpu {self.index} state: LAPIC state but no irqchip")
-        _check_table(state["cpuid"], 7, 32, _MAX_CPUID, f"vcpu {self.index} state: cpuid")
-        _check_table(state["msrs"], 2, 64, _MAX_STATE_MSRS, f"vcpu {self.index} state: msrs")
-        if any(m[0] >= 1 << 32 for m in state["msrs"]):
-            raise SnapshotFormatError(f"vcpu {self.index} state: MSR index out of range")
+        what = f"vcpu {self.index} state"
+        if version == 1:
+            _check_table(state["cpuid"], 7, 32, _MAX_CPUID, f"{what}: cpuid")
+            _check_table(state["msrs"], 2, 64, _MAX_STATE_MSRS, f"{what}: msrs")
+            if any(m[0] >= 1 << 32 for m in state["msrs"]):
+                raise SnapshotFormatError(f"{what}: MSR index out of range")
+            msrs = [(i, v) for i, v in state["msrs"]]
+        else:
+            cpuid, indices, values = state["cpuid"], state["msr_indices"], state["msr_values"]
+            if (not isinstance(cpuid, bytes) or len(cpuid) % _CPUID_ENTRY_SIZE
+                    or len(cpuid) > _MAX_CPUID * _CPUID_ENTRY_SIZE):
+                raise SnapshotFormatError(f"{what}: cpuid is not an array of at most {_MAX_CPUID} entries")
+            if (not isinstance(indices, bytes) or not isinstance(values, bytes) or len(indices) % 4
+                    or len(values) != 2 * len(indices) or len(indices) > 4 * _MAX_STATE_MSRS):
+                raise SnapshotFormatError(f"{what}: msr_indices and msr_values are not matching arrays")
+            msrs = list(zip(struct.unpack(f"<{len(indices) // 4}I", indices),
+                            struct.unpack(f"<{len(values) // 8}Q", values)))
         if not isinstance(state["mp_state"], int) or not 0 <= state["mp_state"] < 1 << 32:
             raise SnapshotFormatError(f"vcpu {self.index} state: invalid mp_state")
-        return blobs
+        return blobs, msrs
 
     def _has(self, cap: str | None) -> bool:
         if cap is None:

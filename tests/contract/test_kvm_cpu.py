@@ -121,3 +121,70 @@ def test_a_missing_capability_is_named(kvm, monkeypatch):
         KvmHypervisor()
     assert info.value.qmp_class == "KVMMissingCap"
     assert len(os.listdir("/proc/self/fd")) == fds_before  # /dev/kvm was closed again
+
+
+def _as_version_1(state: dict) -> dict:
+    """The same state as an earlier release saved it: CPUID and MSRs as lists of ints."""
+    import struct
+
+    from adapters.kvm.vcpu import _CPUID_ENTRY_SIZE
+
+    cpuid = [list(struct.unpack_from("<7I", state["cpuid"], off))
+             for off in range(0, len(state["cpuid"]), _CPUID_ENTRY_SIZE)]
+    n = len(state["msr_indices"]) // 4
+    msrs = [list(m) for m in zip(struct.unpack(f"<{n}I", state["msr_indices"]),
+                                 struct.unpack(f"<{n}Q", state["msr_values"]))]
+    rest = {k: v for k, v in state.items() if k not in ("msr_indices", "msr_values")}
+    return {**rest, "version": 1, "cpuid": cpuid, "msrs": msrs}
+
+
+def _timeless(state: dict) -> dict:
+    """The state without IA32_TSC's value, which moves between two reads."""
+    v1 = _as_version_1(state)
+    return {**v1, "msrs": [m for m in v1["msrs"] if m[0] != 0x10]}
+
+
+def test_vcpu_state_carries_cpuid_and_msrs_as_arrays_and_still_reads_version_1(kvm):
+    from domain.state_codec import decode_state, encode_state
+
+    src, dst = Machine(kvm, irqchip=True), Machine(kvm, irqchip=True)
+    try:
+        src.vcpu.setup(VcpuSetup(index=0, apic_id=0, nr_vcpus=1))
+        state = src.vcpu.save_state()
+        assert state["version"] == 2
+        assert isinstance(state["cpuid"], bytes) and len(state["cpuid"]) > 0
+        assert len(state["msr_values"]) == 2 * len(state["msr_indices"]) > 0
+        # A few hundred ints fewer to encode inside a migration's downtime.
+        assert len(encode_state(state)) < len(encode_state(_as_version_1(state)))
+        dst.vcpu.restore_state(decode_state(encode_state(_as_version_1(state))))
+        assert _timeless(dst.vcpu.save_state()) == _timeless(state)
+        dst.vcpu.restore_state(state)
+        assert _timeless(dst.vcpu.save_state()) == _timeless(state)
+    finally:
+        src.close()
+        dst.close()
+
+
+def test_vcpu_state_arrays_of_the_wrong_size_are_refused(kvm):
+    from domain.errors import SnapshotFormatError
+
+    m = Machine(kvm, irqchip=True)
+    try:
+        m.vcpu.setup(VcpuSetup(index=0, apic_id=0, nr_vcpus=1))
+        good = m.vcpu.save_state()
+        bad = [
+            {**good, "cpuid": good["cpuid"][:-1]},  # not whole entries
+            {**good, "cpuid": good["cpuid"] * 300},  # more entries than KVM takes
+            {**good, "msr_values": good["msr_values"][:-8]},  # a value short
+            {**good, "msr_indices": good["msr_indices"][:-1]},
+            {**good, "msr_indices": list(good["msr_indices"])},
+            {**_as_version_1(good), "msr_indices": good["msr_indices"]},  # version 1 with 2's fields
+            {**good, "version": True},
+        ]
+        for state in bad:
+            with pytest.raises(SnapshotFormatError):
+                m.vcpu.restore_state(state)
+        m.vcpu.restore_state(good)
+        assert _timeless(m.vcpu.save_state()) == _timeless(good)
+    finally:
+        m.close()
