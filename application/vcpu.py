@@ -50,11 +50,15 @@ class VcpuRunner:
         self._thread.start()
 
     def pause(self, timeout: float = 5.0) -> bool:
+        self.request_pause()
+        return self.wait_parked(timeout)
+
+    def request_pause(self) -> None:
+        """The first half of pause(): ask and kick, without waiting for the thread to park."""
         with self._cond:
             self._pause_requested = True
             self._cond.notify_all()  # wakes a vCPU halted in _loop
         self.vcpu.kick()
-        return self.wait_parked(timeout)
 
     def wait_parked(self, timeout: float) -> bool:
         with self._cond:

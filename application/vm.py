@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from typing import Callable, Iterable, Iterator
 
 from domain.config import VmConfig
@@ -145,8 +146,13 @@ class VirtualMachine:
                 raise InvalidStateError(f"the guest is not running (state '{st.value}')")
             yield
 
-    def pause_vcpus(self) -> None:
-        stuck = [r.index for r in self.runners if not r.pause()]
+    def pause_vcpus(self, timeout: float = 5.0) -> None:
+        # Kick them all, then wait: the vCPUs leave the hypervisor together, not one by one.
+        for r in self.runners:
+            r.request_pause()
+        deadline = time.monotonic() + timeout
+        stuck = [r.index for r in self.runners
+                 if not r.wait_parked(max(0.0, deadline - time.monotonic()))]
         if stuck:
             raise HypervisorError(f"vCPU(s) {stuck} did not stop")
 

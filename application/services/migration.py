@@ -213,14 +213,15 @@ class MigrationService:
             self._send_full_pass(ch, c)
             pending = self._converge(ch, c)
 
-            # Final pass: park the guest, send what is left and the device state.
+            # Final pass: park the guest, send what is left and the device state. The downtime
+            # counts from here, before the vCPUs are parked, as QEMU's does from vm_stop.
             self._check_cancel()
+            t_pause = self._clock()
             was_running = vm.run_state is RunState.RUNNING
             vm.set_run_state(RunState.FINISH_MIGRATE)
             if was_running:
                 vm.pause_vcpus()
                 paused_by_us = True
-            t_pause = self._clock()
             # Then the devices (also on a VM the user paused: its devices still run): a
             # notification the guest gave just before the pause is kept for resume, not
             # handled after the last memory read, and the requests in flight complete now. Their
@@ -233,10 +234,12 @@ class MigrationService:
             c.remaining = sum(n for _, n in final) * PAGE_SIZE
             self._send_runs(ch, c, final)
             records = self._settle_devices(ch, c, records)
-            for name, (version, payload) in records.items():
-                frame = proto.encode(proto.StateRecord(name, version, payload))
-                ch.send([frame])
-                c.transferred += len(frame)
+            # The records leave in one send (one system call, not one per record); a cancel is
+            # still taken until COMPLETE, the point of no return.
+            frames = [proto.encode(proto.StateRecord(name, version, payload))
+                      for name, (version, payload) in records.items()]
+            ch.send(frames)
+            c.transferred += sum(len(f) for f in frames)
             digest = memory_digest(vm.memory) if verify else None
             if not state.commit():
                 raise Cancelled()
