@@ -10,9 +10,9 @@ def _allocator(accel: str):
     return c.allocator()
 
 
-def test_kvm_ram_asks_for_huge_pages_the_test_hypervisor_does_not():
+def test_guest_ram_asks_for_huge_pages_on_either_hypervisor():
     assert _allocator(ACCEL_KVM)._huge_pages is True
-    assert _allocator(ACCEL_TEST)._huge_pages is False
+    assert _allocator(ACCEL_TEST)._huge_pages is True
 
 
 def test_one_allocator_per_container():
