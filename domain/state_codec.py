@@ -50,6 +50,8 @@ def _enc(v, out: bytearray, depth: int) -> None:
     if t is int:
         out += _INT_MEMO.get(v) or _memo_int(v)
     elif t is list or t is tuple:
+        if v and depth >= MAX_DEPTH:  # its items would nest too deeply, ints as much as any
+            raise ValueError("state nests too deeply")
         out += b"L" + _LEN.pack(len(v))
         memo = _INT_MEMO
         for item in v:
@@ -58,6 +60,8 @@ def _enc(v, out: bytearray, depth: int) -> None:
             else:
                 _enc(item, out, depth + 1)
     elif t is dict:
+        if v and depth >= MAX_DEPTH:
+            raise ValueError("state nests too deeply")
         out += b"D" + _LEN.pack(len(v))
         for k, item in v.items():
             if type(k) is not str:
@@ -111,69 +115,95 @@ def _enc_other(v, out: bytearray, depth: int) -> None:
 
 def decode_state(data: bytes):
     mv = memoryview(data)
-    value, pos = _dec(mv, 0, 0)
+    value, pos = _dec(mv, 0, 0, len(mv))
     if pos != len(mv):
         raise SnapshotFormatError(f"state record has {len(mv) - pos} trailing bytes")
     return value
 
 
-def _take_len(mv: memoryview, pos: int) -> tuple[int, int]:
-    if pos + 4 > len(mv):
-        raise SnapshotFormatError("state record truncated")
-    (n,) = _LEN.unpack_from(mv, pos)
-    return n, pos + 4
+_unpack_len = _LEN.unpack_from
+_from_bytes = int.from_bytes
 
 
-def _dec(mv: memoryview, pos: int, depth: int):
+def _truncated() -> SnapshotFormatError:
+    return SnapshotFormatError("state record truncated")
+
+
+def _dec(mv: memoryview, pos: int, depth: int, end: int):
+    """(value, position after it). Ints, the bulk of most records, are read in place, and
+    inside lists without a call per item (the destination decodes inside the downtime)."""
     if depth > MAX_DEPTH:
         raise SnapshotFormatError("state record nests too deeply")
-    if pos >= len(mv):
-        raise SnapshotFormatError("state record truncated")
+    if pos >= end:
+        raise _truncated()
     tag = mv[pos]
     pos += 1
+    if tag == 0x49 or tag == 0x42 or tag == 0x53:  # I B S
+        if pos + 4 > end:
+            raise _truncated()
+        (n,) = _unpack_len(mv, pos)
+        pos += 4
+        if pos + n > end:
+            raise _truncated()
+        raw = mv[pos:pos + n]
+        pos += n
+        if tag == 0x49:
+            return _from_bytes(raw, "little", signed=True), pos
+        if tag == 0x42:
+            return bytes(raw), pos
+        try:
+            return str(raw, "utf-8"), pos
+        except UnicodeDecodeError:
+            raise SnapshotFormatError("state record has an invalid string") from None
     if tag == 0x4E:  # N
         return None, pos
     if tag == 0x54:  # T
         return True, pos
     if tag == 0x46:  # F
         return False, pos
-    if tag in (0x49, 0x42, 0x53):  # I B S
-        n, pos = _take_len(mv, pos)
-        if pos + n > len(mv):
-            raise SnapshotFormatError("state record truncated")
-        raw = bytes(mv[pos:pos + n])
-        pos += n
-        if tag == 0x49:
-            return int.from_bytes(raw, "little", signed=True), pos
-        if tag == 0x42:
-            return raw, pos
-        try:
-            return raw.decode(), pos
-        except UnicodeDecodeError:
-            raise SnapshotFormatError("state record has an invalid string") from None
     if tag == 0x4C:  # L
-        n, pos = _take_len(mv, pos)
-        if n > len(mv) - pos:  # each item takes at least one byte
+        if pos + 4 > end:
+            raise _truncated()
+        (n,) = _unpack_len(mv, pos)
+        pos += 4
+        if n > end - pos:  # each item takes at least one byte
             raise SnapshotFormatError("state record list length exceeds the record")
+        if n and depth >= MAX_DEPTH:
+            raise SnapshotFormatError("state record nests too deeply")
         items = []
+        append = items.append
         for _ in range(n):
-            item, pos = _dec(mv, pos, depth + 1)
-            items.append(item)
+            if pos + 5 <= end and mv[pos] == 0x49:
+                (k,) = _unpack_len(mv, pos + 1)
+                pos += 5
+                if pos + k > end:
+                    raise _truncated()
+                append(_from_bytes(mv[pos:pos + k], "little", signed=True))
+                pos += k
+            else:
+                item, pos = _dec(mv, pos, depth + 1, end)
+                append(item)
         return items, pos
     if tag == 0x44:  # D
-        n, pos = _take_len(mv, pos)
-        if n > len(mv) - pos:
+        if pos + 4 > end:
+            raise _truncated()
+        (n,) = _unpack_len(mv, pos)
+        pos += 4
+        if n > end - pos:
             raise SnapshotFormatError("state record dict length exceeds the record")
         d = {}
         for _ in range(n):
-            kn, pos = _take_len(mv, pos)
-            if pos + kn > len(mv):
-                raise SnapshotFormatError("state record truncated")
+            if pos + 4 > end:
+                raise _truncated()
+            (kn,) = _unpack_len(mv, pos)
+            pos += 4
+            if pos + kn > end:
+                raise _truncated()
             try:
-                k = bytes(mv[pos:pos + kn]).decode()
+                k = str(mv[pos:pos + kn], "utf-8")
             except UnicodeDecodeError:
                 raise SnapshotFormatError("state record has an invalid key") from None
             pos += kn
-            d[k], pos = _dec(mv, pos, depth + 1)
+            d[k], pos = _dec(mv, pos, depth + 1, end)
         return d, pos
     raise SnapshotFormatError(f"state record has an unknown tag {tag:#x}")

@@ -40,6 +40,72 @@ def reference(v) -> bytes:
     raise TypeError(type(v).__name__)
 
 
+def reference_decode(data: bytes):
+    """The format read as plainly as it is specified, with the module's error messages."""
+
+    def need(pos: int, n: int) -> None:
+        if pos + n > len(data):
+            raise SnapshotFormatError("state record truncated")
+
+    def length(pos: int) -> int:
+        need(pos, 4)
+        return _LEN.unpack_from(data, pos)[0]
+
+    def dec(pos: int, depth: int):
+        if depth > MAX_DEPTH:
+            raise SnapshotFormatError("state record nests too deeply")
+        need(pos, 1)
+        tag, pos = chr(data[pos]), pos + 1
+        if tag in "NTF":
+            return {"N": None, "T": True, "F": False}[tag], pos
+        if tag in "IBS":
+            n = length(pos)
+            need(pos + 4, n)
+            raw, pos = data[pos + 4:pos + 4 + n], pos + 4 + n
+            if tag == "I":
+                return int.from_bytes(raw, "little", signed=True), pos
+            if tag == "B":
+                return raw, pos
+            try:
+                return raw.decode(), pos
+            except UnicodeDecodeError:
+                raise SnapshotFormatError("state record has an invalid string") from None
+        if tag in "LD":
+            n, pos = length(pos), pos + 4
+            if n > len(data) - pos:
+                kind = "list" if tag == "L" else "dict"
+                raise SnapshotFormatError(f"state record {kind} length exceeds the record")
+            if tag == "L":
+                items = []
+                for _ in range(n):
+                    item, pos = dec(pos, depth + 1)
+                    items.append(item)
+                return items, pos
+            d = {}
+            for _ in range(n):
+                kn, pos = length(pos), pos + 4
+                need(pos, kn)
+                try:
+                    k = data[pos:pos + kn].decode()
+                except UnicodeDecodeError:
+                    raise SnapshotFormatError("state record has an invalid key") from None
+                d[k], pos = dec(pos + kn, depth + 1)
+            return d, pos
+        raise SnapshotFormatError(f"state record has an unknown tag {data[pos - 1]:#x}")
+
+    value, pos = dec(0, 0)
+    if pos != len(data):
+        raise SnapshotFormatError(f"state record has {len(data) - pos} trailing bytes")
+    return value
+
+
+def outcome(f, *args):
+    try:
+        return ("value", f(*args))
+    except (SnapshotFormatError, ValueError) as e:
+        return (type(e).__name__, str(e))
+
+
 def plain(v):
     """What decoding gives back: tuples as lists, other buffers as bytes, subclasses as base."""
     if isinstance(v, bool) or v is None:
@@ -142,3 +208,33 @@ def test_a_truncated_record_is_refused(v, data):
     cut = data.draw(st.integers(0, len(encoded) - 1))
     with pytest.raises(SnapshotFormatError):
         decode_state(encoded[:cut])
+
+
+# Records built from the tags, so that most draws are nearly valid (random bytes rarely are).
+tokens = st.sampled_from([b"N", b"T", b"F", b"I\x01\x00\x00\x00\x05", b"I\x02\x00\x00\x00\xff\x7f",
+                          b"I\x09\x00\x00\x00", b"B\x02\x00\x00\x00ab", b"S\x01\x00\x00\x00\xc3",
+                          b"S\x02\x00\x00\x00\xc3\xa9", b"L\x00\x00\x00\x00", b"L\x02\x00\x00\x00",
+                          b"L\x03\x00\x00\x00", b"D\x01\x00\x00\x00\x01\x00\x00\x00k",
+                          b"D\x01\x00\x00\x00\x01\x00\x00\x00\xff", b"\x00", b"I"])
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(tokens, max_size=12).map(b"".join) | st.binary(max_size=48))
+def test_decoding_agrees_with_the_plain_reading_of_the_format(data):
+    assert outcome(decode_state, data) == outcome(reference_decode, data)
+
+
+@pytest.mark.parametrize("wrap", ["list", "dict", "both"])
+@pytest.mark.parametrize("depth", range(MAX_DEPTH - 2, MAX_DEPTH + 3))
+@pytest.mark.parametrize("leaf", [0, None, [], {}, "s", b"b", 2**70])
+def test_what_encodes_at_the_depth_limit_decodes(wrap, depth, leaf):
+    v = leaf
+    for i in range(depth):
+        v = [v] if wrap == "list" or (wrap == "both" and i % 2) else {"k": v}
+    enc = outcome(encode_state, v)
+    dec = outcome(decode_state, reference(v))
+    assert dec == outcome(reference_decode, reference(v))
+    # Encoding refuses exactly what decoding would refuse: no snapshot that cannot be restored.
+    assert (enc[0] == "value") == (dec[0] == "value")
+    if enc[0] == "value":
+        assert enc[1] == reference(v) and dec[1] == plain(v)
