@@ -129,6 +129,12 @@ def _truncated() -> SnapshotFormatError:
     return SnapshotFormatError("state record truncated")
 
 
+def _take_len(mv: memoryview, pos: int, end: int) -> tuple[int, int]:
+    if pos + 4 > end:
+        raise _truncated()
+    return _unpack_len(mv, pos)[0], pos + 4
+
+
 def _dec(mv: memoryview, pos: int, depth: int, end: int):
     """(value, position after it). Ints, the bulk of most records, are read in place, and
     inside lists without a call per item (the destination decodes inside the downtime)."""
@@ -162,10 +168,7 @@ def _dec(mv: memoryview, pos: int, depth: int, end: int):
     if tag == 0x46:  # F
         return False, pos
     if tag == 0x4C:  # L
-        if pos + 4 > end:
-            raise _truncated()
-        (n,) = _unpack_len(mv, pos)
-        pos += 4
+        n, pos = _take_len(mv, pos, end)
         if n > end - pos:  # each item takes at least one byte
             raise SnapshotFormatError("state record list length exceeds the record")
         if n and depth >= MAX_DEPTH:
@@ -185,18 +188,12 @@ def _dec(mv: memoryview, pos: int, depth: int, end: int):
                 append(item)
         return items, pos
     if tag == 0x44:  # D
-        if pos + 4 > end:
-            raise _truncated()
-        (n,) = _unpack_len(mv, pos)
-        pos += 4
+        n, pos = _take_len(mv, pos, end)
         if n > end - pos:
             raise SnapshotFormatError("state record dict length exceeds the record")
         d = {}
         for _ in range(n):
-            if pos + 4 > end:
-                raise _truncated()
-            (kn,) = _unpack_len(mv, pos)
-            pos += 4
+            kn, pos = _take_len(mv, pos, end)
             if pos + kn > end:
                 raise _truncated()
             try:
