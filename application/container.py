@@ -208,7 +208,8 @@ class Runtime:
         self.migration = _Lazy(self._migration_service)
         self.api = Management(self.vm, migration=self.migration, guest_agent=c.guest_agent())
         table = standard_table()
-        ctl = GuestTestControl(self.vm, write_file=_write_file)
+        ctl = GuestTestControl(self.vm, write_file=_write_file,
+                               populated_runs=getattr(c.zero_scanner(), "populated_runs", None))
         table.register("x-query-memory-digest", Schema(), lambda api, a: ctl.memory_digest())
         table.register("pmemsave", Schema(req("val", "int"), req("size", "int"), req("filename", "str")),
                        lambda api, a: ctl.pmemsave(a["val"], a["size"], a["filename"]))

@@ -12,10 +12,16 @@ from domain.memory import PAGE_SIZE
 MAX_TOUCH_PAGES = 1 << 20
 
 
+_ZEROS = memoryview(bytes(1 << 20))
+
+
 class GuestTestControl:
-    def __init__(self, vm, write_file=None):
+    def __init__(self, vm, write_file=None, populated_runs=None):
+        """``populated_runs(view)``: (offset, length) runs of the pages the host populated, or
+        None when unknown (the zero scanner's); the digest hashes the others as zeros."""
         self.vm = vm
         self._write_file = write_file
+        self._populated_runs = populated_runs
 
     def pmemsave(self, val: int, size: int, filename: str) -> dict:
         """QEMU's pmemsave: guest-physical memory [val, val+size) into a host file."""
@@ -51,9 +57,27 @@ class GuestTestControl:
         return {"touched": pages}
 
     def memory_digest(self) -> dict:
+        """SHA-256 of guest RAM. Pages the host never populated are hashed as the zeros they
+        read as, without reading them: a read would map the zero page behind each one, and a
+        later snapshot or migration would then have to scan them (1 GiB idle: 15 -> 55 ms)."""
         import hashlib
 
         h = hashlib.sha256()
         for r in self.vm.memory.regions:
-            h.update(r.view)
+            runs = self._populated_runs(r.view) if self._populated_runs is not None else None
+            if runs is None:
+                h.update(r.view)
+                continue
+            pos = 0
+            for off, length in [*runs, (r.size, 0)]:
+                _hash_zeros(h, off - pos)
+                h.update(r.view[off : off + length])
+                pos = off + length
         return {"sha256": h.hexdigest()}
+
+
+def _hash_zeros(h, n: int) -> None:
+    while n > 0:
+        take = min(n, len(_ZEROS))
+        h.update(_ZEROS[:take])
+        n -= take

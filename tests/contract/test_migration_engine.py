@@ -17,6 +17,7 @@ import socket
 import subprocess
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -1398,3 +1399,37 @@ def test_incoming_on_every_address(log):
     address = svc.listen_incoming("tcp::0")
     assert address.startswith("tcp:0.0.0.0:") or address.startswith("tcp:[::]:")
     svc.shutdown()
+
+
+def test_the_memory_digest_reads_no_page_the_host_never_populated():
+    """x-query-memory-digest hashes unpopulated pages as zeros without reading them: a read
+    would map the zero page there, which a later snapshot or migration must then scan."""
+    import hashlib
+
+    from adapters.host.memory import MmapAllocator
+    from application.guest_test_control import GuestTestControl
+
+    alloc = MmapAllocator()
+    mem = alloc.allocate([(0, 8 * MiB), (1 << 32, 4 * MiB)])
+    scanner = PagemapZeroScanner()
+    try:
+        rng = random.Random(5)
+        for r in mem.regions:
+            for _ in range(20):
+                off = rng.randrange(r.size // PAGE_SIZE) * PAGE_SIZE
+                r.view[off:off + 64] = rng.randbytes(64)
+        before = [scanner.populated_runs(r.view) for r in mem.regions]
+        if before[0] is None:
+            pytest.skip("/proc/self/pagemap is not readable here")
+        ctl = GuestTestControl(SimpleNamespace(memory=mem), populated_runs=scanner.populated_runs)
+        digest = ctl.memory_digest()["sha256"]
+        assert [scanner.populated_runs(r.view) for r in mem.regions] == before  # nothing mapped
+        plain = hashlib.sha256()
+        for r in mem.regions:
+            plain.update(r.view)
+        assert digest == plain.hexdigest()
+        # Without the scanner (or where it cannot tell), every page is read: the same digest.
+        assert GuestTestControl(SimpleNamespace(memory=mem)).memory_digest()["sha256"] == digest
+    finally:
+        scanner.close()
+        alloc.free(mem)
