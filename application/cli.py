@@ -8,6 +8,7 @@ with one line on stderr naming the option, and exit 1. -h/-help and -version pri
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -182,11 +183,20 @@ async def _serve(runtime, ready_fd: int | None, pidfile) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, runtime.on_signal)
+    _end_startup()
     report_ready(ready_fd)
 
     code = await done
     await runtime.finish()
     return code
+
+
+def _end_startup() -> None:
+    """The launcher (application.launch) kept the garbage collector off during start-up: keep
+    what start-up built out of later collections, and collect again from here on."""
+    if not gc.isenabled():
+        gc.freeze()
+        gc.enable()
 
 
 def entry() -> None:

@@ -1,4 +1,5 @@
-"""The `pystrato` command line and process, run for real (`python -m application.cli`).
+"""The `pystrato` command line and process, run for real (`python -m application.cli`, and the
+console script once).
 
 Refusals: every invalid value is refused before anything starts (exit 1, exactly one line on
 stderr naming the option and the reason, no QMP socket). Process behaviour: -h/-version,
@@ -395,3 +396,41 @@ def test_log_to_stderr_with_bare_D(vmms, tmp_path):
     assert v.proc.wait(TIMEOUT) == 0
     err = v.proc.stderr.read().decode()
     assert "QMP listening on" in err and "reason=host-qmp-quit" in err
+
+
+def test_the_console_script_serves_qmp_with_the_collector_back_on(tmp_path):
+    """`.venv/bin/pystrato` — application.launch, the collector off during start-up — serves
+    QMP and quits cleanly (the collector's return is the next test's)."""
+    exe = Path(sys.executable).parent / "pystrato"
+    if not exe.exists():
+        pytest.skip(f"{exe} is not installed (scripts/setup installs it)")
+    sock = str(tmp_path / "qmp.sock")
+    proc = subprocess.Popen([str(exe), "-accel", "test", "-qmp", f"unix:{sock},server,nowait"],
+                            cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: os.path.exists(sock) or proc.poll() is not None, "the QMP socket")
+        c = RawQmp(sock)
+        assert c.execute("query-status")["status"] == "running"
+        c.execute("quit")
+        c.close()
+        assert proc.wait(TIMEOUT) == 0, proc.stderr.read().decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_the_launcher_defers_the_collector_and_start_up_restores_it():
+    code = ("import gc, application.launch as l; off = not gc.isenabled(); "
+            "from application.cli import _end_startup; _end_startup(); "
+            "print(off, gc.isenabled(), gc.get_freeze_count() > 0)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         timeout=TIMEOUT, check=True).stdout.decode()
+    assert out.split() == ["True", "True", "True"]
+    # Where the collector was on (python -m application.cli, tests), nothing is frozen.
+    code = ("import gc; from application.cli import _end_startup; _end_startup(); "
+            "print(gc.isenabled(), gc.get_freeze_count())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         timeout=TIMEOUT, check=True).stdout.decode()
+    assert out.split() == ["True", "0"]
