@@ -20,6 +20,11 @@ MIB = 1 << 20
 
 
 def pystrato_cmd() -> list[str]:
+    """The program users run (the console script, which enters through application.launch),
+    or the module where setup has not installed it."""
+    script = ROOT / ".venv/bin/pystrato"
+    if script.exists():
+        return [str(script)]
     exe = ROOT / ".venv/bin/python"
     return [str(exe) if exe.exists() else sys.executable, "-m", "application.cli"]
 
