@@ -90,12 +90,12 @@ def _enc_other(v, out: bytearray, depth: int) -> None:
     elif v is False:
         out += b"F"
     elif isinstance(v, int):
-        out += _enc_int(int(v))
+        out += _enc_int(v)
     elif isinstance(v, (bytes, bytearray, memoryview)):
         raw = bytes(v)
         out += b"B" + _LEN.pack(len(raw)) + raw
     elif isinstance(v, str):
-        raw = str(v).encode()
+        raw = v.encode()
         out += b"S" + _LEN.pack(len(raw)) + raw
     elif isinstance(v, (list, tuple)):
         out += b"L" + _LEN.pack(len(v))

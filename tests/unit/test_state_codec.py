@@ -115,7 +115,7 @@ def plain(v):
     if isinstance(v, (bytes, bytearray, memoryview)):
         return bytes(v)
     if isinstance(v, str):
-        return str(v)
+        return str.__str__(v)
     if isinstance(v, (list, tuple)):
         return [plain(i) for i in v]
     return {k: plain(i) for k, i in v.items()}
@@ -125,9 +125,13 @@ class Colour(enum.IntEnum):
     RED = 7
 
 
+class Mode(str, enum.Enum):  # str() of it is "Mode.ON"; its state is its value, "on"
+    ON = "on"
+
+
 leaves = (st.none() | st.booleans() | st.integers() | st.integers(-300, 300)
           | st.binary(max_size=40) | st.text(max_size=20)
-          | st.builds(bytearray, st.binary(max_size=8)) | st.just(Colour.RED))
+          | st.builds(bytearray, st.binary(max_size=8)) | st.just(Colour.RED) | st.just(Mode.ON))
 values = st.recursive(
     leaves,
     lambda inner: (st.lists(inner, max_size=8) | st.tuples(inner, inner)
