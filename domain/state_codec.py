@@ -64,7 +64,7 @@ def _enc(v, out: bytearray, depth: int) -> None:
             raise ValueError("state nests too deeply")
         out += b"D" + _LEN.pack(len(v))
         for k, item in v.items():
-            if type(k) is not str:
+            if not isinstance(k, str):
                 raise TypeError(f"state dict keys must be str, not {type(k).__name__}")
             raw = k.encode()
             out += _LEN.pack(len(raw)) + raw
@@ -98,17 +98,9 @@ def _enc_other(v, out: bytearray, depth: int) -> None:
         raw = v.encode()
         out += b"S" + _LEN.pack(len(raw)) + raw
     elif isinstance(v, (list, tuple)):
-        out += b"L" + _LEN.pack(len(v))
-        for item in v:
-            _enc(item, out, depth + 1)
+        _enc(list(v), out, depth)  # a subclass is encoded as its items
     elif isinstance(v, dict):
-        out += b"D" + _LEN.pack(len(v))
-        for k, item in v.items():
-            if not isinstance(k, str):
-                raise TypeError(f"state dict keys must be str, not {type(k).__name__}")
-            raw = k.encode()
-            out += _LEN.pack(len(raw)) + raw
-            _enc(item, out, depth + 1)
+        _enc(dict(v), out, depth)
     else:
         raise TypeError(f"cannot encode {type(v).__name__} in component state")
 

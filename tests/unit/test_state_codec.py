@@ -118,7 +118,7 @@ def plain(v):
         return str.__str__(v)
     if isinstance(v, (list, tuple)):
         return [plain(i) for i in v]
-    return {k: plain(i) for k, i in v.items()}
+    return {str.__str__(k): plain(i) for k, i in v.items()}
 
 
 class Colour(enum.IntEnum):
@@ -146,6 +146,20 @@ def test_encoding_is_the_formats_bytes_and_decodes_back(v):
     assert data == reference(v)
     assert encode_state(v) == data  # the second time through the int memo
     assert decode_state(data) == plain(v)
+
+
+def test_subclasses_are_encoded_as_their_base_values():
+    # As before the fast paths: a (str, Enum) member as a value or a key is its string, list
+    # and dict subclasses are their items.
+    class L(list):
+        pass
+
+    class D(dict):
+        pass
+
+    for v in ({Mode.ON: Mode.ON}, L([1, Mode.ON]), D(a=L([Colour.RED])), (Mode.ON, {"k": L()})):
+        assert encode_state(v) == reference(v)
+        assert decode_state(encode_state(v)) == plain(v)
 
 
 def test_bool_and_int_stay_apart_in_the_memo():
