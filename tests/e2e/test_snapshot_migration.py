@@ -66,6 +66,7 @@ def work():
         return v
 
     start.dir = d
+    start.procs = procs
     yield start
     for p in procs:
         p.kill()
@@ -312,8 +313,11 @@ class FrozenDir:
             self.frozen = False
 
     def close(self) -> None:
+        """Thaw and unmount. Whoever still has files open on it must be gone first, or the
+        mount (and the tmpfs behind its loop device) outlives the test."""
         self.thaw()
-        subprocess.run(["umount", self.path], check=False, capture_output=True)
+        if subprocess.run(["umount", self.path], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", self.path], check=True, capture_output=True)
 
 
 @pytest.fixture
@@ -327,6 +331,9 @@ def frozen(work):
     except (OSError, subprocess.CalledProcessError) as e:
         pytest.skip(f"cannot mount an ext4 image here: {e}")
     yield fs
+    fs.thaw()  # the VMMs may be blocked on it: they can die only once it thaws
+    for p in work.procs:
+        p.kill()
     fs.close()
 
 
