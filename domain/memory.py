@@ -64,6 +64,15 @@ class GuestMemory:
         self._host_writes = observer
 
     @property
+    def tracks_host_writes(self) -> bool:
+        return self._host_writes is not None
+
+    def note_host_write(self, gpa: int, length: int) -> None:
+        """Report a range the VMM wrote without a view (a device's native data plane)."""
+        if self._host_writes is not None:
+            self._host_writes(gpa, length)
+
+    @property
     def regions(self) -> tuple[RamRegion, ...]:
         return self._regions
 

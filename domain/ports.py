@@ -7,7 +7,7 @@ pins the behaviour every hypervisor implementation must share.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, NamedTuple, Protocol, Sequence, runtime_checkable
 
 from domain.config import ChardevConfig, MemoryConfig
 from domain.cpu_state import Regs, Sregs, VcpuSetup
@@ -133,6 +133,57 @@ class BlockBackend(Protocol):
     def flush(self) -> None: ...
 
     def close(self) -> None: ...
+
+    # Optional: ``submit(fn, arg)`` (run on the backend's own threads) and
+    # ``native_queue(regions) -> BlockDataPlane | None``; the device looks them up with getattr.
+
+
+class NativeServe(NamedTuple):
+    """What one BlockDataPlane.serve call did: why it returned (a PX_* code below), the queue's
+    indices after it, and its counts."""
+
+    reason: int
+    next_avail: int
+    next_used: int
+    signalled_used: int | None
+    rd_ops: int
+    rd_bytes: int
+    wr_ops: int
+    wr_bytes: int
+    errors: int
+    poll_missed: bool
+
+
+SERVE_IDLE = 0  # the ring is empty (after the poll window, if one was given)
+SERVE_SIGNAL = 1  # a completion wants an interrupt: the caller raises it
+SERVE_DECLINE = 2  # the request at the head is not a plain read/write: the caller pops it
+SERVE_STOP = 3  # request_stop() was called
+SERVE_BUDGET = 4  # served its maximum per call: the caller looks at pause, quiesce, tracking
+
+
+class BlockDataPlane(Protocol):
+    """A virtio-blk request queue's plain reads and writes served natively (virtio 1.1 §5.2: a
+    16-byte header, data buffers in one direction, a 1-byte status), data straight between the
+    image and guest RAM. Anything else is declined before it is popped. The device model owns
+    the queue state: serve() takes it and gives it back; notifications stay as the model left
+    them."""
+
+    def bind(self, desc: int, avail: int, used: int, size: int) -> bool:
+        """Point at an activated queue's rings (guest addresses); False if it cannot serve them."""
+
+    def arm(self) -> None:
+        """Clear an earlier stop request (lock held, before serve)."""
+
+    def request_stop(self) -> None:
+        """Make a running or the next serve() return SERVE_STOP after its current request."""
+
+    def serve(self, next_avail: int, next_used: int, signalled_used: int | None, event_idx: bool,
+              poll: float, budget: int = 0) -> NativeServe:
+        """Serve at most ``budget`` requests (0: the plane's maximum) until a SERVE_* reason;
+        ``poll`` seconds of watching the ring when it is empty."""
+
+    def written(self) -> list[tuple[int, int]]:
+        """Guest ranges (gpa, length) the last serve() wrote."""
 
 
 class BlockOpener(Protocol):

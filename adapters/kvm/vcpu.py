@@ -256,6 +256,10 @@ class KvmVcpu:
                 regs[off : off + 4] = ((lvt & ~0x700) | mode << 8).to_bytes(4, "little")
             self._ioctl("KVM_SET_LAPIC", lapic)
 
+    def tsc_khz(self) -> int:
+        """The guest's TSC frequency (KVM_GET_TSC_KHZ): turns guest rdtsc deltas into time."""
+        return check(lib.px_ioctl_int(self._fd, lib.KVM_GET_TSC_KHZ, 0), "KVM_GET_TSC_KHZ", f"vcpu {self.index}")
+
     def get_cpuid(self) -> list[list[int]]:
         buf = ffi.new("struct kvm_cpuid_entry2[]", _MAX_CPUID)
         n = check(lib.px_get_cpuid2(self._fd, buf, _MAX_CPUID), "KVM_GET_CPUID2", f"vcpu {self.index}")

@@ -69,7 +69,8 @@ class IoThreads:
 class RawImage:
     """A raw image file opened read-only or read-write, optionally with O_DIRECT."""
 
-    def __init__(self, path: str, fd: int, readonly: bool, direct: bool, buffered_fd: int = -1):
+    def __init__(self, path: str, fd: int, readonly: bool, direct: bool, buffered_fd: int = -1,
+                 native: bool = True):
         self.path = path
         self._fd = fd
         # With direct=on, guest buffers that are not sector-aligned (a 1-byte status, a small
@@ -79,6 +80,16 @@ class RawImage:
         self.direct = direct
         self.size = os.fstat(fd).st_size
         self._threads = IoThreads(IO_THREADS, f"blk-{os.path.basename(path)}"[:15])
+        self._native = native
+
+    def native_queue(self, regions: Sequence[tuple[int, memoryview]]):
+        """virtio-blk's request loop in C over this image (adapters/storage/native_queue.py), for
+        guest RAM ``regions`` (gpa, view); None when it is off or not built."""
+        from adapters.storage import native_queue
+
+        if not self._native or self._fd < 0 or not native_queue.available():
+            return None
+        return native_queue.NativeBlockQueue(regions, self._fd, self._bfd, self.size, self.readonly)
 
     def submit(self, fn: Callable[[Any], object], arg: Any) -> None:
         """Run ``fn(arg)`` on one of this image's I/O threads (the caller does not wait)."""
@@ -118,6 +129,9 @@ class RawImage:
 
 
 class RawImageOpener:
+    def __init__(self, native: bool = True):
+        self._native = native  # False: every virtio-blk request goes through the Python model
+
     def open(self, path: str, *, readonly: bool, direct: bool) -> RawImage:
         flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
         if direct:
@@ -133,7 +147,7 @@ class RawImageOpener:
             os.close(fd)
             raise HostResourceError(f"cannot use '{path}': Is a directory")
         bfd = os.open(path, flags & ~os.O_DIRECT) if direct else -1
-        img = RawImage(path, fd, readonly, direct, bfd)
+        img = RawImage(path, fd, readonly, direct, bfd, self._native)
         if stat.S_ISBLK(st.st_mode):
             img.size = os.lseek(fd, 0, os.SEEK_END)  # fstat reports 0 for block devices
         return img

@@ -108,6 +108,16 @@ def test_supported_cpuid_and_msr_list(kvm):
     assert 0x10 in kvm.msr_index_list()  # IA32_TSC
 
 
+def test_tsc_khz_is_the_host_rate_the_guest_counts_at(kvm):
+    # bench/kvm_devices.py turns the guest's rdtsc deltas into seconds with it
+    m = Machine(kvm, irqchip=True)
+    try:
+        khz = m.vcpu.tsc_khz()
+    finally:
+        m.close()
+    assert 100_000 <= khz <= 10_000_000  # 0.1 to 10 GHz
+
+
 def test_a_missing_capability_is_named(kvm, monkeypatch):
     from adapters.kvm._lib import lib
     from adapters.kvm.hypervisor import KvmHypervisor

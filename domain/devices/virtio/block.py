@@ -19,6 +19,14 @@ again when a notify comes soon after the device went idle. Reset, release and sn
 for the requests in flight (and a poll) first (``quiesce``); a paused device (``pause``) pops
 nothing, and a completion or notify that would have looked at the ring marks it for
 ``resume``. Without ``submit`` every request runs under the lock, in order.
+
+A backend with ``native_queue(regions)`` gives a BlockDataPlane: plain reads and writes served in
+native code (the Python path per request costs as much as a 64 KiB copy from the host page
+cache). The model hands it the ring whenever nothing else is in flight and takes the queue
+state back when it returns; it declines, before popping, every request it does not serve, and
+this model pops that one. While it runs, nothing here pops; a quiesce asks it to stop; the ranges
+it wrote are reported to GuestMemory's host-write tracking, and while that tracking is on (a
+live migration) requests go through the views here instead.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ from domain.devices.virtio.device import VIRTIO_ID_BLOCK, VirtioDevice
 from domain.devices.virtio.queue import DescriptorChain
 from domain.errors import VmmError
 from domain.memory import GuestMemory
-from domain.ports import BlockBackend
+from domain.ports import SERVE_DECLINE, SERVE_IDLE, SERVE_SIGNAL, BlockBackend
 
 VIRTIO_BLK_F_SIZE_MAX = 1 << 1
 VIRTIO_BLK_F_SEG_MAX = 1 << 2
@@ -58,6 +66,7 @@ SIZE_MAX = 1 << 20  # largest single data segment we advertise
 POLL_MAX = 64e-6  # longest idle poll (s); QEMU's iothread default is 32 us, this host's exits cost more
 POLL_MIN = 4e-6  # below this a window is not worth starting: polling stops until a notify comes soon
 _POLL = object()  # _collect's answer "idle, notifications still off: poll the ring a while"
+_NATIVE = object()  # _collect's answer "let the native data plane serve the ring"
 
 
 class VirtioBlock(VirtioDevice):
@@ -85,6 +94,19 @@ class VirtioBlock(VirtioDevice):
         self._poll = poll_max  # current idle poll window (s); 0 = none
         self._idle_since = 0.0  # when notifications were last switched back on
         self._clock = clock
+        factory = getattr(backend, "native_queue", None)
+        self._native = factory([(r.gpa, r.view) for r in mem.regions]) if factory is not None else None
+        self._native_ready = False  # bound to the active queue's rings
+        self._native_on = False  # a serve is running (counted in _in_flight): nothing else pops
+        self._native_poll = 0.0  # the poll window the next serve gets
+
+    def on_activate(self) -> None:
+        q = self.queues[0]
+        self._native_ready = (self._native is not None and q.active
+                              and self._native.bind(q.desc_addr, q.avail_addr, q.used_addr, q.size))
+
+    def on_reset(self) -> None:
+        self._native_ready = False
 
     def bind(self, interrupt, lock) -> None:
         super().bind(interrupt, lock)
@@ -109,10 +131,13 @@ class VirtioBlock(VirtioDevice):
             self._signal()
         if req is None:
             return
-        result = self._execute(req)
-        with self.lock:
-            req = self.guarded(self._complete_and_collect, req, result)
-            self._signal()
+        if req is _NATIVE:
+            req = self._serve_native(1)  # one request here, as below; the rest and the poll go on
+        else:
+            result = self._execute(req)
+            with self.lock:
+                req = self.guarded(self._complete_and_collect, req, result)
+                self._signal()
         if req is not None and self._submit is not None:
             self._submit(self._drive, req)
         else:
@@ -124,6 +149,9 @@ class VirtioBlock(VirtioDevice):
         while req is not None:
             if req is _POLL:
                 req = self._idle_poll()
+                continue
+            if req is _NATIVE:
+                req = self._serve_native()
                 continue
             result = self._execute(req)
             with self.lock:
@@ -154,30 +182,86 @@ class VirtioBlock(VirtioDevice):
                 self._signal()
         return req
 
+    def _serve_native(self, budget: int = 0):
+        """Run the native data plane on the ring (no lock held; _collect counted it in flight),
+        then take the queue state back and collect what is left: what it declined goes through
+        this model (``native`` off for that pass)."""
+        q = self.queues[0]
+        plane = self._native
+        window = self._native_poll  # set with _native_on, which keeps every other _collect out
+        try:
+            res = plane.serve(q.next_avail, q.next_used, q.signalled_used, q.event_idx, window, budget)
+        except BaseException:
+            with self.lock:
+                self._end_native()
+            raise
+        with self.lock:
+            self._end_native()
+            self._take_back(res, plane)
+            # After an idle return notifications go back on, unless it served requests without
+            # a poll window (the notified thread's one): then a poll comes next.
+            served = res.rd_ops + res.wr_ops + res.errors > 0
+            poll = res.reason != SERVE_IDLE or (served and not window)
+            req = self.guarded(self._collect, poll, res.reason != SERVE_DECLINE)
+            self._signal()
+        return req
+
+    def _end_native(self) -> None:
+        self._native_on = False
+        self._in_flight -= 1
+        if not self._in_flight and self._quiescing:
+            self._idle.notify_all()
+
+    def _take_back(self, res, plane) -> None:
+        """The queue state, counts and effects of a serve (lock held)."""
+        q = self.queues[0]
+        q.next_avail, q.next_used, q.signalled_used = res.next_avail, res.next_used, res.signalled_used
+        stats = self.stats
+        stats["rd_ops"] += res.rd_ops
+        stats["rd_bytes"] += res.rd_bytes
+        stats["wr_ops"] += res.wr_ops
+        stats["wr_bytes"] += res.wr_bytes
+        stats["errors"] += res.errors
+        if self.mem.tracks_host_writes:  # switched on while it ran
+            for gpa, length in plane.written():
+                self.mem.note_host_write(gpa, length)
+        if res.poll_missed:  # as _idle_poll: the driver is slower than the window
+            self._poll = self._poll / 2 if self._poll >= 2 * POLL_MIN else 0.0
+        if res.reason == SERVE_SIGNAL:
+            self.interrupt.signal_queue(0)
+
     def _notified(self) -> None:
         """A notify (lock held): one that comes soon after the device went idle means a poll
         window would have caught it, so the window grows back."""
         if self._poll < self._poll_max and self._clock() - self._idle_since < self._poll_max:
             self._poll = min(self._poll_max, max(2 * self._poll, POLL_MIN))
 
-    def _collect(self, poll: bool = False):
+    def _collect(self, poll: bool = False, native: bool = True):
         """Pop every available request (lock held). Requests without data I/O complete at once;
         with a threaded backend all data requests but the last are submitted to it. Returns the
         request left for the calling thread to run, _POLL when the device went idle and the
-        caller should poll (``poll`` and a window open), or None."""
+        caller should poll (``poll`` and a window open), _NATIVE when the native data plane is
+        to serve the ring (``native``, nothing else in flight: see _serve_native), or None."""
         q = self.queues[0]
         if not self.activated or not q.active:
             return None
         if self.paused:  # resume() looks at the ring (notifications may be off)
             self._kicked.add(0)
             return None
-        if self._quiescing:
+        if self._quiescing or self._native_on:  # a running serve sees the ring, and returns here
             return None
         submit = self._submit
         held = None
+        native = native and self._native_ready and not self.mem.tracks_host_writes
         try:
             while True:
                 q.disable_notification()
+                if native and not self._in_flight and (q.has_available() or (poll and self._poll)):
+                    self._in_flight += 1
+                    self._native_on = True
+                    self._native_poll = self._poll if poll else 0.0
+                    self._native.arm()
+                    return _NATIVE
                 while (chain := q.pop()) is not None:
                     req = self._parse(chain)
                     if req.__class__ is int:
@@ -219,6 +303,8 @@ class VirtioBlock(VirtioDevice):
         with self.lock:
             if not self._in_flight:
                 return
+            if self._native_on:
+                self._native.request_stop()
             self._quiescing += 1
             try:
                 self._idle.wait_for(lambda: not self._in_flight)
