@@ -19,7 +19,8 @@ Runs take minutes each under kvm-pvm, so the default is one run of each (--runs 
 the table then gives medians). Prints a Markdown table with pystrato/QEMU ratios.
 
     .venv/bin/python bench/kvm_vs_qemu.py [--runs N] [--guest DIR] [--kernel vmlinux|bzImage]
-                                          [--initrd NAME] [--timeout S]
+                                          [--initrd NAME] [--timeout S] [--keep-logs DIR]
+                                          [--extra-append PARAMS]
 """
 
 from __future__ import annotations
@@ -62,8 +63,11 @@ def guest_dir(arg: str | None) -> Path:
 INITRD = "initramfs.cpio"
 
 
+EXTRA_APPEND = ""  # --extra-append: more kernel parameters for both VMMs (e.g. printk.time=1)
+
+
 def append_line(guest: Path, token: str) -> str:
-    return ((guest / "cmdline").read_text().strip()
+    return ((guest / "cmdline").read_text().strip() + (f" {EXTRA_APPEND}" if EXTRA_APPEND else "")
             + f" pystrato.script=mountwrite pystrato.token={token} pystrato.end=reboot")
 
 
@@ -96,8 +100,10 @@ def qemu_args(guest: Path, initrd: str, image: Path, serial: Path, work: Path, t
             "-serial", f"file:{serial}", "-no-reboot"]
 
 
-def boot(vmm: str, guest: Path, initrd: str, timeout: float, kernel: str = "vmlinux") -> dict[str, float]:
-    """One boot; returns seconds from exec to each milestone and to the VMM's exit."""
+def boot(vmm: str, guest: Path, initrd: str, timeout: float, kernel: str = "vmlinux",
+         keep: Path | None = None) -> dict[str, float]:
+    """One boot; returns seconds from exec to each milestone and to the VMM's exit. ``keep``:
+    where to copy the guest's serial log (named by VMM and time)."""
     with tempfile.TemporaryDirectory(prefix=f"kvq-{vmm}-") as tmp:
         work = Path(tmp)
         image = work / "rootfs.ext4"
@@ -135,6 +141,9 @@ def boot(vmm: str, guest: Path, initrd: str, timeout: float, kernel: str = "vmli
                 if proc.poll() is None:
                     proc.kill()
                     proc.wait(10)
+        if keep is not None and serial.exists():
+            keep.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(serial, keep / f"{vmm}-{time.strftime('%H%M%S')}.log")
         if proc.returncode != 0:
             raise RuntimeError(f"{vmm}: exit code {proc.returncode}: "
                                f"{(work / 'stderr').read_text(errors='replace')[-1500:]}")
@@ -166,7 +175,11 @@ def main() -> None:
                     help="kernel file in the guest directory (default vmlinux)")
     ap.add_argument("--initrd", default=INITRD, help=f"initramfs file in the guest directory (default {INITRD})")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per boot (default 1800)")
+    ap.add_argument("--keep-logs", type=Path, help="copy each boot's serial log into this directory")
+    ap.add_argument("--extra-append", default="", help="kernel parameters added for both VMMs")
     a = ap.parse_args()
+    global EXTRA_APPEND
+    EXTRA_APPEND = a.extra_append
     guest = guest_dir(a.guest)
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         sys.exit("/dev/kvm is not usable: this benchmark compares the two VMMs on KVM")
@@ -181,7 +194,7 @@ def main() -> None:
     for i in range(a.runs):
         order = ("pystrato", "qemu") if i % 2 == 0 else ("qemu", "pystrato")
         for vmm in order:
-            t = boot(vmm, guest, a.initrd, a.timeout, a.kernel)
+            t = boot(vmm, guest, a.initrd, a.timeout, a.kernel, a.keep_logs)
             results[vmm].append(t)
             print(f"run {i + 1} {vmm}: " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()), flush=True)
     print()

@@ -12,8 +12,6 @@ error code is read in the same C call that failed.
 from __future__ import annotations
 
 import pathlib
-import shutil
-import tempfile
 
 from cffi import FFI
 
@@ -321,13 +319,9 @@ ffibuilder.cdef(_CDEF)
 ffibuilder.set_source("adapters.kvm._kvm_cffi", _SOURCE)
 
 if __name__ == "__main__":
-    # Build in place: the extension lands next to this file as adapters/kvm/_kvm_cffi*.so.
-    # The generated .c and .o stay in a temporary directory.
-    here = pathlib.Path(__file__).resolve().parent
-    with tempfile.TemporaryDirectory() as tmp:
-        built = ffibuilder.compile(tmpdir=tmp, verbose=False)
-        for stale in here.glob("_kvm_cffi*.so"):
-            stale.unlink()
-        # The name pip's build uses (cffi builds for the stable ABI): a second, differently
-        # named copy would shadow whichever of the two is rebuilt later.
-        shutil.copy2(built, here / "_kvm_cffi.abi3.so")
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # run as a script
+    from adapters._ffi_inplace import build_in_place
+
+    build_in_place(ffibuilder, __file__, "_kvm_cffi")

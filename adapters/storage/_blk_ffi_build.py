@@ -4,8 +4,9 @@ Built by setup.py (``cffi_modules``) or in place for development with
 ``python adapters/storage/_blk_ffi_build.py`` from the repository root.
 
 What it serves is a strict subset of what the Python device model (domain/devices/virtio/block.py)
-serves: a direct (not indirect) chain of a 16-byte readable header, 1..PX_SEGS data buffers all
-in the request's direction, and a lone 1-byte writable status, for an IN or OUT request that lies
+serves: a chain (direct, or wholly in one indirect table, as Linux posts them) of a 16-byte
+readable header, 1..PX_SEGS data buffers all in the request's direction, and a lone 1-byte
+writable status, for an IN or OUT request that lies
 inside the disk; every buffer inside one guest RAM region. It stops *before* popping anything
 else (flush, GET_ID, any malformed or hostile chain, an avail index that jumped) and the Python
 model takes that request, with its error statuses and NEEDS_RESET, unchanged. Each ring field and
@@ -16,8 +17,6 @@ rewriting the ring meanwhile cannot slip a value past a check. The GIL is releas
 from __future__ import annotations
 
 import pathlib
-import shutil
-import tempfile
 
 from cffi import FFI
 
@@ -145,9 +144,9 @@ static int px_blk_bind(struct px_blk *b, uint64_t desc, uint64_t avail, uint64_t
     return 0;
 }
 
-static void px_read_desc(const struct px_blk *b, uint32_t i, struct px_desc *d)
+static void px_read_desc(const volatile uint8_t *table, uint32_t i, struct px_desc *d)
 {
-    const volatile uint64_t *p = (const volatile uint64_t *)(b->desc + 16 * (uint64_t)i);
+    const volatile uint64_t *p = (const volatile uint64_t *)(table + 16 * (uint64_t)i);
     uint64_t a = p[0], w = p[1];
     d->addr = a;
     d->len = (uint32_t)w;
@@ -160,13 +159,23 @@ static int px_parse(const struct px_blk *b, uint16_t head, struct px_req *r)
 {
     struct px_desc d;
     volatile uint8_t *h;
-    uint32_t type, idx, want, hops = 0;
+    const volatile uint8_t *table = b->desc;
+    uint32_t type, idx, want, hops = 0, table_len = b->size;
     uint64_t sector, total = 0;
     int n = 0;
 
     if (head >= b->size)
         return 0;
-    px_read_desc(b, head, &d);
+    px_read_desc(table, head, &d);
+    if (d.flags & DESC_F_INDIRECT) {
+        /* the whole chain in an indirect table (Linux's requests): the Python model's rules,
+           and 16-byte alignment as a descriptor table has (what is not gets declined) */
+        if (d.flags != DESC_F_INDIRECT || d.len == 0 || d.len % 16 || d.len / 16 > b->size || (d.addr & 15)
+            || !(table = px_hva(b, d.addr, d.len)))
+            return 0;
+        table_len = d.len / 16;
+        px_read_desc(table, 0, &d);
+    }
     if (d.flags != DESC_F_NEXT || d.len != 16 || !(h = px_hva(b, d.addr, 16)))
         return 0;
     {
@@ -187,9 +196,9 @@ static int px_parse(const struct px_blk *b, uint16_t head, struct px_req *r)
     idx = d.next;
     for (;;) {
         uint8_t *p;
-        if (idx >= b->size || ++hops > PX_SEGS + 1)
+        if (idx >= table_len || ++hops > PX_SEGS + 1)
             return 0;
-        px_read_desc(b, idx, &d);
+        px_read_desc(table, idx, &d);
         if (!(d.flags & DESC_F_NEXT))
             break;  /* the last one: the status byte */
         if (d.flags != (DESC_F_NEXT | want) || d.len == 0 || n == PX_SEGS)
@@ -361,10 +370,9 @@ ffibuilder.cdef(_CDEF)
 ffibuilder.set_source("adapters.storage._blk_cffi", _SOURCE)
 
 if __name__ == "__main__":
-    # Build in place: the extension lands next to this file as adapters/storage/_blk_cffi*.so.
-    here = pathlib.Path(__file__).resolve().parent
-    with tempfile.TemporaryDirectory() as tmp:
-        built = ffibuilder.compile(tmpdir=tmp, verbose=False)
-        for stale in here.glob("_blk_cffi*.so"):
-            stale.unlink()
-        shutil.copy2(built, here / "_blk_cffi.abi3.so")
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # run as a script
+    from adapters._ffi_inplace import build_in_place
+
+    build_in_place(ffibuilder, __file__, "_blk_cffi")

@@ -11,10 +11,16 @@ queue's state, the interrupt decisions' effects, pause and quiesce, and dirty tr
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
-from domain.ports import (SERVE_BUDGET, SERVE_DECLINE, SERVE_IDLE, SERVE_SIGNAL, SERVE_STOP,
-                          NativeServe)
+from domain.ports import (
+    SERVE_BUDGET,
+    SERVE_DECLINE,
+    SERVE_IDLE,
+    SERVE_SIGNAL,
+    SERVE_STOP,
+    NativeServe,
+)
 
 log = logging.getLogger("pystrato.block")
 

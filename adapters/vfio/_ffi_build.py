@@ -14,8 +14,6 @@ the FFI and errno is read in the same C call that failed.
 from __future__ import annotations
 
 import pathlib
-import shutil
-import tempfile
 
 from cffi import FFI
 
@@ -106,11 +104,9 @@ ffibuilder.cdef(_CDEF)
 ffibuilder.set_source("adapters.vfio._vfio_cffi", _SOURCE)
 
 if __name__ == "__main__":
-    # Build in place under the name pip's build uses (the stable ABI), so an editable install and
-    # a development build never leave two copies that shadow each other.
-    here = pathlib.Path(__file__).resolve().parent
-    with tempfile.TemporaryDirectory() as tmp:
-        built = ffibuilder.compile(tmpdir=tmp, verbose=False)
-        for stale in here.glob("_vfio_cffi*.so"):
-            stale.unlink()
-        shutil.copy2(built, here / "_vfio_cffi.abi3.so")
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # run as a script
+    from adapters._ffi_inplace import build_in_place
+
+    build_in_place(ffibuilder, __file__, "_vfio_cffi")

@@ -27,6 +27,7 @@ from domain.devices.virtio.block import VirtioBlock
 from domain.devices.virtio.mmio import VirtioMmioTransport
 from domain.devices.virtio.mock import MmioDriver, MockQueue
 from domain.devices.virtio.queue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
+from domain.errors import HostResourceError
 from domain.memory import GuestMemory
 from domain.ports import SERVE_DECLINE, SERVE_IDLE, SERVE_SIGNAL, SERVE_STOP
 from tests.unit.virtio_blk_rig import notify_fuzzed_queue
@@ -57,6 +58,11 @@ class Plain:
 
     def close(self):
         self._img.close()
+
+
+def _read(path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def _image(path, seed: int = 7) -> str:
@@ -141,7 +147,7 @@ requests = st.lists(st.tuples(st.sampled_from(KINDS), st.lists(st.sampled_from([
 def _outcome(rig: Rig, path: str) -> dict:
     used = [rig.q.used_elem(i) for i in range(rig.q.used_idx())]
     return {"broken": rig.dev.broken, "used": sorted(used), "stats": dict(rig.dev.stats),
-            "ram": bytes(rig.mem.read(0x4000, RAM - 0x4000)), "image": open(path, "rb").read()}
+            "ram": bytes(rig.mem.read(0x4000, RAM - 0x4000)), "image": _read(path)}
 
 
 def _run_both(tmp_path, script, *, readonly=False, features=None) -> tuple[dict, dict]:
@@ -187,12 +193,13 @@ def test_plain_reads_and_writes_are_served_natively(tmp_path):
             post(rig, slot, "out" if slot % 2 else "in", [4096], slot * 16)
         rig.drv.notify(0)
         rig.wait()
-        post(rig, 8, "flush", [], 0)  # declined: the Python model takes it
+        post(rig, 8, "indirect", [512, 1024], 200)  # as Linux posts them: served too
+        post(rig, 9, "flush", [], 0)  # declined: the Python model takes it
         rig.drv.notify(0)
         rig.wait()
         assert len(parsed) == 1
-        assert rig.dev.stats["rd_ops"] == 4 and rig.dev.stats["wr_ops"] == 4 and rig.dev.stats["flush_ops"] == 1
-        assert all(rig.mem.read(STATUSES + 16 * s, 1) == b"\0" for s in range(9))
+        assert rig.dev.stats["rd_ops"] == 5 and rig.dev.stats["wr_ops"] == 4 and rig.dev.stats["flush_ops"] == 1
+        assert all(rig.mem.read(STATUSES + 16 * s, 1) == b"\0" for s in range(10))
     finally:
         rig.close()
 
@@ -215,7 +222,7 @@ def test_hostile_rings_break_the_queue_as_the_python_model_does(tmp_path, desc, 
                 assert time.monotonic() < end
                 time.sleep(0.001)
             dev.quiesce()
-            outs.append((dev.broken, bool(drv.read32(r.STATUS) & r.DEVICE_NEEDS_RESET), open(path, "rb").read(),
+            outs.append((dev.broken, bool(drv.read32(r.STATUS) & r.DEVICE_NEEDS_RESET), _read(path),
                          None if dev.broken else q.used_idx()))
             dev.release()
         finally:
@@ -246,7 +253,7 @@ def test_serve_reports_what_it_wrote_and_stops_before_what_it_declines(tmp_path)
         assert res.reason == SERVE_SIGNAL  # no NO_INTERRUPT flag: the driver wants one
         assert (res.next_avail, res.next_used, res.rd_ops, res.rd_bytes) == (1, 1, 1, 1024)
         assert plane.written() == [(DATA, 1024), (STATUSES, 1)]
-        assert mem.read(DATA, 1024) == open(img.path, "rb").read()[1024:2048]
+        assert mem.read(DATA, 1024) == _read(img.path)[1024:2048]
         assert q.used_elem(0) == (0, 1025)
         res = plane.serve(res.next_avail, res.next_used, res.signalled_used, False, 0.0)
         assert res.reason == SERVE_DECLINE and res.next_avail == 1  # left for the Python model
@@ -277,7 +284,7 @@ def test_serve_follows_event_idx_and_the_no_interrupt_flag(tmp_path):
 
 
 def test_a_polling_serve_stops_when_asked(tmp_path):
-    img, mem, q, plane = _plane(tmp_path)
+    img, _, _, plane = _plane(tmp_path)
     try:
         plane.arm()
         out = []
@@ -292,7 +299,7 @@ def test_a_polling_serve_stops_when_asked(tmp_path):
 
 
 def test_serve_refuses_rings_outside_ram(tmp_path):
-    img, mem, q, plane = _plane(tmp_path)
+    img, _, q, plane = _plane(tmp_path)
     try:
         assert not plane.bind(RAM - 8, q.avail_addr, q.used_addr, 32)
         assert not plane.bind(q.desc_addr, q.avail_addr, q.used_addr, 24)  # not a power of 2
@@ -326,38 +333,32 @@ def test_pause_stops_a_polling_serve_and_resume_serves_again(tmp_path):
         rig.close()
 
 
-def test_host_write_tracking_sends_requests_through_the_python_views(tmp_path):
+@pytest.mark.parametrize("tracking_starts", ["before", "during a serve"])
+def test_device_writes_reach_host_write_tracking(tmp_path, tracking_starts):
+    """Before: the request goes through the Python model's views, which report themselves.
+    During (a migration starting while the C loop runs): the loop's writes are reported after."""
     path = _image(tmp_path / "disk.img")
     rig = Rig(path, True)
-    seen = []
-    try:
-        rig.mem.track_host_writes(lambda gpa, n: seen.append((gpa, n)))
-        post(rig, 0, "in", [1024], 0)
-        rig.drv.notify(0)
-        rig.wait()
-        assert (DATA, 1024) in seen and (STATUSES, 1) in seen
-    finally:
-        rig.close()
+    seen, parsed = [], []
+    track = lambda: rig.mem.track_host_writes(lambda gpa, n: seen.append((gpa, n)))
+    real_parse, real_serve = rig.dev._parse, rig.dev._native.serve
+    rig.dev._parse = lambda chain: parsed.append(chain) or real_parse(chain)
 
-
-def test_writes_of_a_serve_that_ran_when_tracking_began_are_reported(tmp_path):
-    path = _image(tmp_path / "disk.img")
-    rig = Rig(path, True)
-    seen = []
-    plane = rig.dev._native
-    real_serve = plane.serve
-
-    def serve(*args):  # tracking switched on while the C loop runs (a migration starting)
+    def serve(*args):
         res = real_serve(*args)
-        rig.mem.track_host_writes(lambda gpa, n: seen.append((gpa, n)))
+        track()
         return res
 
-    plane.serve = serve
+    if tracking_starts == "before":
+        track()
+    else:
+        rig.dev._native.serve = serve
     try:
         post(rig, 0, "in", [2048], 0)
         rig.drv.notify(0)
         rig.wait()
         assert (DATA, 2048) in seen and (STATUSES, 1) in seen
+        assert len(parsed) == (1 if tracking_starts == "before" else 0)
     finally:
         rig.close()
 
@@ -380,7 +381,7 @@ def test_direct_images_fall_back_to_the_buffered_fd_for_unaligned_buffers(tmp_pa
     path = _image(tmp_path / "disk.img")
     try:
         img = RawImageOpener().open(path, readonly=False, direct=True)
-    except Exception as e:  # tmpfs has no O_DIRECT
+    except HostResourceError as e:  # tmpfs has no O_DIRECT
         pytest.skip(f"no O_DIRECT here: {e}")
     mem = GuestMemory([(0, bytearray(RAM))])
     try:
@@ -391,7 +392,7 @@ def test_direct_images_fall_back_to_the_buffered_fd_for_unaligned_buffers(tmp_pa
         q.add_chain([(HDRS, 16, False), (DATA + 3, 512, True), (STATUSES, 1, True)])  # not aligned
         res = plane.serve(0, 0, None, False, 0.0)
         assert res.rd_ops == 1 and res.errors == 0
-        assert mem.read(DATA + 3, 512) == open(path, "rb").read(512)
+        assert mem.read(DATA + 3, 512) == _read(path)[:512]
     finally:
         img.close()
     assert os.path.exists(path)
@@ -439,9 +440,54 @@ def test_a_driver_posting_while_the_plane_runs_loses_no_request(tmp_path):
                 rig.drv.notify(0)
         rig.wait(60)
         assert rig.dev.stats["wr_ops"] == n and rig.dev.stats["errors"] == 0
-        disk = open(path, "rb").read()
+        disk = _read(path)
         for sector in range(SECTORS):
             last = max(i for i in range(n) if i % SECTORS == sector)
             assert disk[sector * 512:sector * 512 + 512] == struct.pack("<I", last) * 128
     finally:
         rig.close()
+
+
+entries = st.lists(st.tuples(st.sampled_from([0x4000, 0x5000, 0x5003, 0x7FF0, 0x8000, 0x9000, (1 << 64) - 8]),
+                             st.sampled_from([0, 1, 16, 512, 1024, 0x1000, 0xFFFFFFFF]),
+                             st.sampled_from([0, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
+                                              VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE, 4, 4 | VIRTQ_DESC_F_NEXT]),
+                             st.integers(0, 5)), min_size=1, max_size=5)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                   HealthCheck.function_scoped_fixture])
+@given(table=entries, table_at=st.sampled_from([0x3000, 0x3008, 0x7FF0]), extra=st.integers(-1, 1),
+       rtype=st.sampled_from([0, 1, 4, 99]), sector=st.sampled_from([0, 7, 400, 1 << 60]))
+def test_hostile_indirect_tables_are_handled_as_the_python_model_does(tmp_path, table, table_at, extra,
+                                                                      rtype, sector):
+    """Indirect tables (how Linux posts every request) built from plausible and hostile parts:
+    misaligned, running off RAM, a length that is not whole descriptors, nested, looping."""
+    outs = []
+    for native in (True, False):
+        path = _image(tmp_path / f"ind-{int(native)}.img")
+        img = RawImageOpener(native=native).open(path, readonly=False, direct=False)
+        try:
+            mem = GuestMemory([(0, bytearray(0x8000))])
+            dev = VirtioBlock(mem, img if native else Plain(img), queue_size=8)
+            drv = MmioDriver(VirtioMmioTransport(dev, lambda: None))
+            q = MockQueue(mem, 8, 0x100)
+            drv.start([q])
+            mem.write(0x4000, struct.pack("<IIQ", rtype, 0, sector))
+            for i, (addr, length, flags, nxt) in enumerate(table):
+                if table_at + 16 * i + 16 <= 0x8000:
+                    mem.write(table_at + 16 * i, struct.pack("<QIHH", addr, length, flags, nxt))
+            q.write_desc(0, table_at, 16 * len(table) + extra * 8, 4)  # VIRTQ_DESC_F_INDIRECT
+            q.publish(0)
+            drv.notify(0)
+            end = time.monotonic() + 10
+            while not dev.broken and q.used_idx() != 1:
+                assert time.monotonic() < end
+                time.sleep(0.001)
+            dev.quiesce()
+            outs.append((dev.broken, q.used_idx(), q.used_elem(0), dict(dev.stats), bytes(mem.read(0x4000, 0x4000)),
+                         _read(path)))
+            dev.release()
+        finally:
+            img.close()
+    assert outs[0] == outs[1]
