@@ -72,7 +72,10 @@ def pio_pystrato(workdir: Path, n: int) -> tuple[float, float]:
         _, t0 = v.wait_line(r"^pio: start", timeout=120)
         c0 = _thread_cpu(v.proc.pid, tid)
         _, t1 = v.wait_line(r"^pio: done", timeout=600)
-        c1 = _thread_cpu(v.proc.pid, tid)
+        try:
+            c1 = _thread_cpu(v.proc.pid, tid)
+        except FileNotFoundError:  # the guest ends right after its done line
+            raise RuntimeError("the VMM exited before its vCPU's CPU time was read: use more --exits") from None
         v.wait_exit(60)
     finally:
         v.close()
