@@ -62,7 +62,8 @@ _SOURCE = r"""
 #include <sys/uio.h>
 #include <unistd.h>
 
-#define PX_SEGS 16          /* data buffers per request (Linux's seg_max is ours: 254) */
+#define PX_SEGS 16          /* data buffers per request served here; longer chains (up to our
+                               seg_max, 254) go to the Python model */
 #define PX_MAX_REGIONS 8
 #define PX_BUDGET 64        /* requests per call: Python looks at pause, quiesce, dirty tracking */
 #define PX_IDLE 0           /* nothing available (after the poll window, if any) */

@@ -32,8 +32,9 @@ except ImportError as e:  # not built (a source checkout before `pip install -e 
 else:
     _IMPORT_ERROR = ""
     # The port's reasons are the C loop's return codes.
-    assert (lib.PX_IDLE, lib.PX_SIGNAL, lib.PX_DECLINE, lib.PX_STOP, lib.PX_BUDGET_DONE) == (
-        SERVE_IDLE, SERVE_SIGNAL, SERVE_DECLINE, SERVE_STOP, SERVE_BUDGET)
+    if (lib.PX_IDLE, lib.PX_SIGNAL, lib.PX_DECLINE, lib.PX_STOP, lib.PX_BUDGET_DONE) != (
+            SERVE_IDLE, SERVE_SIGNAL, SERVE_DECLINE, SERVE_STOP, SERVE_BUDGET):
+        raise ImportError("adapters.storage._blk_cffi's return codes differ from domain.ports' SERVE_*")
 
 _warned = False
 
