@@ -139,7 +139,7 @@ class BlockBackend(Protocol):
 
 
 class NativeServe(NamedTuple):
-    """What one BlockDataPlane.serve call did: why it returned (a PX_* code below), the queue's
+    """What one BlockDataPlane.serve call did: why it returned (a SERVE_* code below), the queue's
     indices after it, and its counts."""
 
     reason: int

@@ -173,8 +173,8 @@ class VirtioBlock(VirtioDevice):
                     break
         finally:
             with self.lock:
-                if missed:  # the driver is slower than the window: halve it
-                    self._poll = self._poll / 2 if self._poll >= 2 * POLL_MIN else 0.0
+                if missed:
+                    self._shrink_poll()
                 self._in_flight -= 1
                 if not self._in_flight and self._quiescing:
                     self._idle.notify_all()
@@ -225,10 +225,14 @@ class VirtioBlock(VirtioDevice):
         if self.mem.tracks_host_writes:  # switched on while it ran
             for gpa, length in plane.written():
                 self.mem.note_host_write(gpa, length)
-        if res.poll_missed:  # as _idle_poll: the driver is slower than the window
-            self._poll = self._poll / 2 if self._poll >= 2 * POLL_MIN else 0.0
+        if res.poll_missed:
+            self._shrink_poll()
         if res.reason == SERVE_SIGNAL:
             self.interrupt.signal_queue(0)
+
+    def _shrink_poll(self) -> None:
+        """A poll window ran out (lock held): the driver is slower than it, so halve it."""
+        self._poll = self._poll / 2 if self._poll >= 2 * POLL_MIN else 0.0
 
     def _notified(self) -> None:
         """A notify (lock held): one that comes soon after the device went idle means a poll
